@@ -1,0 +1,1023 @@
+//! The binlog source: connect, preflight, resolve the start position, and
+//! read committed outbox rows and commit positions from the binlog stream,
+//! reconnecting (at the last commit) when the server goes away.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use mysql_async::binlog::events::{Event, EventData, OptionalMetadataField, RowsEventData};
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, OptsBuilder, SslOpts};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, MysqlConfig, OutboxConfig, TlsMode};
+use crate::metrics::Metrics;
+use crate::outbox::{BadRow, Mapper, Record, RowContext, TableMapping};
+use crate::position::{
+    parse_mariadb_gtid_event, parse_mariadb_gtid_list_event, FilePos, Gtid, MariaGtid,
+    MariaGtidList, MysqlGtidSet, Position, StartFrom,
+};
+
+/// Errors of the source. Transient ones are retried by reconnecting at the
+/// last commit; definite ones stop the relay with the message.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Definite(String),
+}
+
+impl SourceError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Transient(_))
+    }
+}
+
+/// Classifies a driver error: server-side refusals are definite, I/O is not.
+fn classify(context: &str, e: mysql_async::Error) -> SourceError {
+    use mysql_async::Error as E;
+    match &e {
+        E::Server(se) => match se.code {
+            // Access denied, unknown database, no privilege.
+            1044 | 1045 | 1049 | 1142 | 1227 | 1698 => {
+                SourceError::Definite(format!("{context}: {e}"))
+            }
+            // Fatal error reading binlog: purged position, bad GTID state, ...
+            1236 => SourceError::Definite(format!(
+                "{context}: {e}. The resume point is no longer in the server's binlog; \
+                 events after it may be lost. Set start_from to a position the server still \
+                 has (`earliest`, `latest`, `gtid:...`, `file:...`) and delete the stored checkpoint \
+                 to accept the gap, or restore the binlogs"
+            )),
+            // Server shutting down / connection killed: retry.
+            _ => SourceError::Transient(format!("{context}: {e}")),
+        },
+        E::Io(mysql_async::IoError::Tls(_)) => SourceError::Definite(format!("{context}: {e}")),
+        _ => SourceError::Transient(format!("{context}: {e}")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    MariaDb,
+    MySql,
+}
+
+/// What preflight learned of the server.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub flavor: Flavor,
+    pub version: String,
+    /// Events carry CRC32 checksums (the fake Rotate's name then has 4 extra bytes).
+    pub checksum: bool,
+    /// MySQL `gtid_mode=ON`; MariaDB always has GTIDs.
+    pub gtid: bool,
+}
+
+pub fn mysql_opts(cfg: &MysqlConfig) -> Result<mysql_async::Opts, SourceError> {
+    let mut b = OptsBuilder::default()
+        .ip_or_hostname(cfg.host.clone())
+        .tcp_port(cfg.port)
+        .user(Some(cfg.user.clone()))
+        .prefer_socket(false)
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .stmt_cache_size(0);
+    if !cfg.password.is_empty() {
+        b = b.pass(Some(cfg.password.expose().to_owned()));
+    }
+    let ssl = match cfg.tls.mode {
+        TlsMode::Disabled => None,
+        TlsMode::Require => Some(
+            SslOpts::default()
+                .with_danger_accept_invalid_certs(true)
+                .with_danger_skip_domain_validation(true),
+        ),
+        TlsMode::VerifyCa | TlsMode::VerifyFull => {
+            let ca = cfg.tls.ca_file.clone().ok_or_else(|| {
+                SourceError::Definite("mysql.tls.ca_file is required to verify the server".into())
+            })?;
+            Some(
+                SslOpts::default()
+                    .with_root_certs(vec![ca.into()])
+                    .with_danger_skip_domain_validation(cfg.tls.mode == TlsMode::VerifyCa),
+            )
+        }
+    };
+    b = b.ssl_opts(ssl);
+    Ok(b.into())
+}
+
+/// Connects with the configured timeout.
+pub async fn connect(cfg: &MysqlConfig) -> Result<Conn, SourceError> {
+    let opts = mysql_opts(cfg)?;
+    let what = format!("connecting to MySQL at {}:{}", cfg.host, cfg.port);
+    match tokio::time::timeout(cfg.connect_timeout, Conn::new(opts)).await {
+        Ok(r) => r.map_err(|e| classify(&what, e)),
+        Err(_) => Err(SourceError::Transient(format!(
+            "{what}: no answer within {:?}",
+            cfg.connect_timeout
+        ))),
+    }
+}
+
+async fn var(conn: &mut Conn, name: &str) -> Result<Option<String>, SourceError> {
+    // SHOW VARIABLES answers with no row (not an error) for unknown variables.
+    let q = format!("SHOW GLOBAL VARIABLES LIKE '{name}'");
+    let row: Option<(String, String)> = conn
+        .query_first(q)
+        .await
+        .map_err(|e| classify("reading server variables", e))?;
+    Ok(row.map(|(_, v)| v))
+}
+
+/// Checks the server settings the relay needs and the outbox tables. Each
+/// failure is one definite error naming the setting and the fix.
+pub async fn preflight(conn: &mut Conn, cfg: &Config) -> Result<ServerInfo, SourceError> {
+    let version: String = conn
+        .query_first("SELECT VERSION()")
+        .await
+        .map_err(|e| classify("reading server version", e))?
+        .unwrap_or_default();
+    let flavor = if version.to_ascii_lowercase().contains("mariadb") {
+        Flavor::MariaDb
+    } else {
+        Flavor::MySql
+    };
+    let need = |name: &str, want: &str, got: Option<String>, fix: &str| {
+        let got = got.unwrap_or_else(|| "<not set>".into());
+        if got.eq_ignore_ascii_case(want) {
+            Ok(())
+        } else {
+            Err(SourceError::Definite(format!(
+                "preflight: server setting {name} is {got}, the relay needs {want}. {fix}"
+            )))
+        }
+    };
+    need(
+        "log_bin",
+        "ON",
+        var(conn, "log_bin").await?,
+        "Start the server with --log-bin.",
+    )?;
+    need(
+        "binlog_format",
+        "ROW",
+        var(conn, "binlog_format").await?,
+        "Set binlog_format=ROW (SET GLOBAL binlog_format='ROW' and in the server config).",
+    )?;
+    need(
+        "binlog_row_image",
+        "FULL",
+        var(conn, "binlog_row_image").await?,
+        "Set binlog_row_image=FULL.",
+    )?;
+    let meta = var(conn, "binlog_row_metadata").await?;
+    if meta.is_none() {
+        return Err(SourceError::Definite(format!(
+            "preflight: server {version} has no binlog_row_metadata setting; the relay needs column \
+             names in the binlog (MySQL 8.0.1+ or MariaDB 10.5+ with binlog_row_metadata=FULL)"
+        )));
+    }
+    need(
+        "binlog_row_metadata",
+        "FULL",
+        meta,
+        "Set binlog_row_metadata=FULL so the binlog carries column names.",
+    )?;
+    if flavor == Flavor::MariaDb {
+        need(
+            "log_bin_compress",
+            "OFF",
+            var(conn, "log_bin_compress").await?.or(Some("OFF".into())),
+            "Compressed binlog events cannot be decoded; set log_bin_compress=OFF.",
+        )?;
+    }
+    let checksum = var(conn, "binlog_checksum")
+        .await?
+        .is_some_and(|v| !v.eq_ignore_ascii_case("NONE"));
+    let gtid = match flavor {
+        Flavor::MariaDb => true,
+        Flavor::MySql => var(conn, "gtid_mode")
+            .await?
+            .is_some_and(|v| v.eq_ignore_ascii_case("ON")),
+    };
+    for (i, o) in cfg.outboxes.iter().enumerate() {
+        check_table(conn, i, o).await?;
+    }
+    Ok(ServerInfo {
+        flavor,
+        version,
+        checksum,
+        gtid,
+    })
+}
+
+async fn check_table(conn: &mut Conn, i: usize, o: &OutboxConfig) -> Result<(), SourceError> {
+    let cols: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (o.database.as_str(), o.table.as_str()),
+        )
+        .await
+        .map_err(|e| classify("reading the outbox table's columns", e))?;
+    if cols.is_empty() {
+        return Err(SourceError::Definite(format!(
+            "preflight: outbox[{i}]: table {}.{} does not exist (or the relay's user cannot see it: \
+             grant it SELECT on the table)",
+            o.database, o.table
+        )));
+    }
+    let c = &o.columns;
+    for (field, name) in [
+        ("id", &c.id),
+        ("aggregate_type", &c.aggregate_type),
+        ("aggregate_id", &c.aggregate_id),
+        ("event_type", &c.event_type),
+        ("payload", &c.payload),
+    ] {
+        if !cols.iter().any(|x| x.eq_ignore_ascii_case(name)) {
+            return Err(SourceError::Definite(format!(
+                "preflight: outbox[{i}].columns.{field}: column `{name}` is not in {}.{} (its columns: {})",
+                o.database,
+                o.table,
+                cols.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `SHOW MASTER STATUS`: the server's current binlog head.
+pub async fn head(conn: &mut Conn) -> Result<FilePos, SourceError> {
+    let row: Option<mysql_async::Row> = conn
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .map_err(|e| classify("reading SHOW MASTER STATUS", e))?;
+    let row = row.ok_or_else(|| {
+        SourceError::Definite("SHOW MASTER STATUS is empty: binary logging is off".into())
+    })?;
+    let file: String = row.get(0).unwrap_or_default();
+    let pos: u64 = row.get(1).unwrap_or_default();
+    Ok(FilePos { file, pos })
+}
+
+async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, SourceError> {
+    let rows: Vec<mysql_async::Row> = conn
+        .query("SHOW BINARY LOGS")
+        .await
+        .map_err(|e| classify("reading SHOW BINARY LOGS", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0).unwrap_or_default(), r.get(1).unwrap_or_default()))
+        .collect())
+}
+
+/// The GTID state at the start of the oldest binlog the server has (MariaDB:
+/// its Gtid_list event): transactions before it are gone.
+async fn mariadb_oldest_state(
+    conn: &mut Conn,
+    first_file: &str,
+) -> Result<MariaGtidList, SourceError> {
+    let rows: Vec<mysql_async::Row> = conn
+        .query(format!("SHOW BINLOG EVENTS IN '{first_file}' LIMIT 4"))
+        .await
+        .map_err(|e| classify("reading SHOW BINLOG EVENTS", e))?;
+    for r in rows {
+        let kind: String = r.get(2).unwrap_or_default();
+        if kind.eq_ignore_ascii_case("Gtid_list") {
+            let info: String = r.get(5).unwrap_or_default();
+            let list = info.trim().trim_start_matches('[').trim_end_matches(']');
+            return list
+                .parse()
+                .map_err(|e| SourceError::Definite(format!("reading the oldest Gtid_list: {e}")));
+        }
+    }
+    Ok(MariaGtidList::default())
+}
+
+/// Where to start when no checkpoint exists.
+pub async fn resolve_start(
+    conn: &mut Conn,
+    info: &ServerInfo,
+    start: &StartFrom,
+) -> Result<Position, SourceError> {
+    match start {
+        StartFrom::Latest => {
+            let file = head(conn).await?;
+            let gtid = current_gtid(conn, info).await?;
+            Ok(Position {
+                gtid,
+                file,
+                commit_ts: 0,
+            })
+        }
+        StartFrom::Earliest => {
+            let logs = binary_logs(conn).await?;
+            let first = logs.first().ok_or_else(|| {
+                SourceError::Definite("SHOW BINARY LOGS is empty: binary logging is off".into())
+            })?;
+            // Start by file; the GTID state is learned from the file's Gtid_list.
+            Ok(Position {
+                gtid: None,
+                file: FilePos {
+                    file: first.0.clone(),
+                    pos: 4,
+                },
+                commit_ts: 0,
+            })
+        }
+        StartFrom::Gtid(g) => Ok(Position {
+            gtid: Some(g.clone()),
+            file: FilePos {
+                file: String::new(),
+                pos: 4,
+            },
+            commit_ts: 0,
+        }),
+        StartFrom::File(f) => Ok(Position {
+            gtid: None,
+            file: f.clone(),
+            commit_ts: 0,
+        }),
+    }
+}
+
+async fn current_gtid(conn: &mut Conn, info: &ServerInfo) -> Result<Option<Gtid>, SourceError> {
+    match info.flavor {
+        Flavor::MariaDb => {
+            let v: Option<String> = conn
+                .query_first("SELECT @@GLOBAL.gtid_binlog_pos")
+                .await
+                .map_err(|e| classify("reading gtid_binlog_pos", e))?;
+            let l: MariaGtidList = v
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| SourceError::Definite(format!("server's gtid_binlog_pos: {e}")))?;
+            Ok(Some(Gtid::MariaDb(l)))
+        }
+        Flavor::MySql if info.gtid => {
+            let v: Option<String> = conn
+                .query_first("SELECT @@GLOBAL.gtid_executed")
+                .await
+                .map_err(|e| classify("reading gtid_executed", e))?;
+            let s: MysqlGtidSet = v
+                .unwrap_or_default()
+                .replace('\n', "")
+                .parse()
+                .map_err(|e| SourceError::Definite(format!("server's gtid_executed: {e}")))?;
+            Ok(Some(Gtid::MySql(s)))
+        }
+        Flavor::MySql => Ok(None),
+    }
+}
+
+/// Refuses a resume point the server no longer has, naming the lost range.
+pub async fn check_resume_point(
+    conn: &mut Conn,
+    info: &ServerInfo,
+    pos: &Position,
+) -> Result<(), SourceError> {
+    let recover = "To accept the gap, delete the stored checkpoint and set start_from \
+                   (`earliest`, `latest`, `gtid:...`, `file:...`); to avoid it, restore the binlogs.";
+    let logs = binary_logs(conn).await?;
+    let Some(first) = logs.first() else {
+        return Err(SourceError::Definite(
+            "SHOW BINARY LOGS is empty: binary logging is off".into(),
+        ));
+    };
+    match (&pos.gtid, info.flavor) {
+        (Some(Gtid::MariaDb(ours)), Flavor::MariaDb) if !ours.is_empty() => {
+            let oldest = mariadb_oldest_state(conn, &first.0).await?;
+            // Every domain the server had before its oldest binlog must be
+            // covered by our position, or transactions between are gone.
+            for o in oldest.iter() {
+                let have = ours.get(o.domain).map_or(0, |g| g.seq);
+                if have < o.seq {
+                    return Err(SourceError::Definite(format!(
+                        "resume point {} is no longer in the server's binlog: transactions of \
+                         domain {} after seq {} up to {} were purged (oldest binlog is {}). {recover}",
+                        pos.short(),
+                        o.domain,
+                        have,
+                        o.seq,
+                        first.0
+                    )));
+                }
+            }
+            Ok(())
+        }
+        (Some(Gtid::MySql(_)), _) => {
+            // MySQL answers a purged GTID request with error 1236, which is
+            // reported as definite when the stream opens.
+            Ok(())
+        }
+        _ => {
+            if pos.file.file.is_empty() {
+                return Ok(());
+            }
+            match logs.iter().find(|(f, _)| *f == pos.file.file) {
+                Some((_, size)) if pos.file.pos <= *size => Ok(()),
+                Some((_, size)) => Err(SourceError::Definite(format!(
+                    "resume point {} is past the end of {} ({} bytes). {recover}",
+                    pos.file, pos.file.file, size
+                ))),
+                None => Err(SourceError::Definite(format!(
+                    "resume point {} is no longer in the server's binlog: {} was purged \
+                     (oldest binlog is {}); events from {} to the start of {} are lost. {recover}",
+                    pos.file, pos.file.file, first.0, pos.file, first.0
+                ))),
+            }
+        }
+    }
+}
+
+/// What the source hands to the pipeline.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// An inserted outbox row, mapped or bad. `at` is `file:pos` of its event.
+    Row {
+        table: String,
+        result: Result<Record, BadRow>,
+        at: String,
+        gtid: Option<String>,
+    },
+    /// A transaction committed; resuming from `position` starts after it.
+    Commit { position: Position, rows: usize },
+}
+
+#[derive(Debug, Default)]
+struct Txn {
+    /// Header text of the transaction's GTID.
+    gtid_text: Option<String>,
+    maria: Option<MariaGtid>,
+    mysql: Option<([u8; 16], u64)>,
+    /// Inside BEGIN ... COMMIT/XID (a MariaDB GTID opens it unless standalone);
+    /// a statement outside is a group of its own (DDL).
+    open: bool,
+    /// Outbox rows emitted so far.
+    rows: usize,
+}
+
+// MariaDB event types mysql_common does not know.
+const MARIA_ANNOTATE_ROWS: u8 = 160;
+const MARIA_BINLOG_CHECKPOINT: u8 = 161;
+const MARIA_GTID: u8 = 162;
+const MARIA_GTID_LIST: u8 = 163;
+const MARIA_START_ENCRYPTION: u8 = 164;
+const MARIA_QUERY_COMPRESSED: u8 = 165;
+const MARIA_ROWS_COMPRESSED_FIRST: u8 = 166;
+const MARIA_ROWS_COMPRESSED_LAST: u8 = 171;
+
+/// An open binlog stream and the transaction being read.
+struct Reader {
+    stream: BinlogStream,
+    file: String,
+    gtid: Option<Gtid>,
+    txn: Option<Txn>,
+    tables: HashMap<u64, Option<Arc<TableMapping>>>,
+    checksum: bool,
+    seen_fde: bool,
+}
+
+/// Reads committed outbox rows; reconnects at the last commit on transient errors.
+pub struct Source {
+    cfg: Arc<Config>,
+    info: ServerInfo,
+    mappers: Vec<Mapper>,
+    epoch: String,
+    metrics: Metrics,
+    /// Last commit read: where a reconnect resumes.
+    committed: Position,
+    reader: Option<Reader>,
+    out: VecDeque<SourceEvent>,
+    /// Rows of the interrupted transaction already emitted before a reconnect:
+    /// skipped when it is read again, so a reconnect adds no duplicates.
+    replay_skip: usize,
+    /// Commits of transactions without outbox rows are reported at most this often.
+    last_idle_commit: Instant,
+}
+
+const IDLE_COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+impl Source {
+    pub fn new(
+        cfg: Arc<Config>,
+        info: ServerInfo,
+        start: Position,
+        epoch: u64,
+        metrics: Metrics,
+    ) -> Result<Source, SourceError> {
+        let max = max_message_bytes(&cfg);
+        let mappers = cfg
+            .outboxes
+            .iter()
+            .map(|o| Mapper::new(o, max))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SourceError::Definite)?;
+        Ok(Source {
+            cfg,
+            info,
+            mappers,
+            epoch: epoch.to_string(),
+            metrics,
+            committed: start,
+            reader: None,
+            out: VecDeque::new(),
+            replay_skip: 0,
+            last_idle_commit: Instant::now(),
+        })
+    }
+
+    /// The last commit read.
+    pub fn committed(&self) -> &Position {
+        &self.committed
+    }
+
+    /// The next event. Transient errors reconnect with backoff (forever,
+    /// logging each); definite errors are returned.
+    pub async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Some(ev) = self.out.pop_front() {
+                return Ok(ev);
+            }
+            if self.reader.is_none() {
+                match self.open().await {
+                    Ok(r) => {
+                        self.metrics.streaming.set(1);
+                        self.reader = Some(r);
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) if e.is_transient() => {
+                        warn!(error = %e, retry_in = ?backoff, "cannot open the binlog stream");
+                        self.metrics.errors.get_or_create(&kind("mysql")).inc();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match self.step().await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    self.metrics.streaming.set(0);
+                    self.metrics.reconnects.inc();
+                    self.metrics.errors.get_or_create(&kind("mysql")).inc();
+                    let interrupted = self.reader.take().and_then(|r| r.txn).map_or(0, |t| t.rows);
+                    self.replay_skip += interrupted;
+                    // Rows already queued in `out` were emitted to nobody yet:
+                    // drop them, they are read again.
+                    let queued_rows = self
+                        .out
+                        .iter()
+                        .filter(|e| matches!(e, SourceEvent::Row { .. }))
+                        .count();
+                    self.replay_skip -= queued_rows.min(self.replay_skip);
+                    self.out.clear();
+                    warn!(error = %e, resume_at = %self.committed.short(), "binlog stream lost; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<Reader, SourceError> {
+        let mut conn = connect(&self.cfg.mysql).await?;
+        let heartbeat_ns = self.cfg.mysql.heartbeat.as_nanos().min(u64::MAX as u128) as u64;
+        let mut setup = vec![format!("SET @master_heartbeat_period = {heartbeat_ns}")];
+        let pos = &self.committed;
+        let mariadb_gtid = match (&pos.gtid, self.info.flavor) {
+            (Some(Gtid::MariaDb(l)), Flavor::MariaDb) => Some(l.to_string()),
+            _ => None,
+        };
+        if self.info.flavor == Flavor::MariaDb {
+            setup.push("SET @mariadb_slave_capability = 4".into());
+            if let Some(state) = &mariadb_gtid {
+                setup.push(format!("SET @slave_connect_state = '{state}'"));
+                setup.push("SET @slave_gtid_strict_mode = 0".into());
+                setup.push("SET @slave_gtid_ignore_duplicates = 0".into());
+            }
+        }
+        for q in setup {
+            conn.query_drop(q)
+                .await
+                .map_err(|e| classify("preparing the binlog stream", e))?;
+        }
+        let server_id = self.cfg.server_id();
+        let file = pos.file.file.clone();
+        let stream = match (&pos.gtid, &mariadb_gtid) {
+            (_, Some(_)) => {
+                conn.get_binlog_stream(BinlogStreamRequest::new(server_id))
+                    .await
+            }
+            (Some(Gtid::MySql(set)), None) if !set.is_empty() => {
+                let sids = mysql_sids(set);
+                conn.get_binlog_stream(
+                    BinlogStreamRequest::new(server_id)
+                        .with_gtid()
+                        .with_gtid_set(sids),
+                )
+                .await
+            }
+            _ => {
+                conn.get_binlog_stream(
+                    BinlogStreamRequest::new(server_id)
+                        .with_filename(file.as_bytes())
+                        .with_pos(pos.file.pos),
+                )
+                .await
+            }
+        }
+        .map_err(|e| classify("requesting the binlog stream", e))?;
+        info!(
+            position = %pos.short(),
+            file = %pos.file,
+            server_id,
+            "binlog stream opened"
+        );
+        Ok(Reader {
+            stream,
+            file: pos.file.file.clone(),
+            gtid: pos.gtid.clone(),
+            txn: None,
+            tables: HashMap::new(),
+            checksum: self.info.checksum,
+            seen_fde: false,
+        })
+    }
+
+    /// Reads one binlog event and queues what it produced.
+    async fn step(&mut self) -> Result<(), SourceError> {
+        let timeout = self.cfg.mysql.heartbeat * 3;
+        let reader = self.reader.as_mut().expect("reader is open");
+        let ev = match tokio::time::timeout(timeout, reader.stream.next()).await {
+            Err(_) => {
+                return Err(SourceError::Transient(format!(
+                    "no binlog event or heartbeat for {timeout:?}"
+                )))
+            }
+            Ok(None) => {
+                return Err(SourceError::Transient(
+                    "the server closed the binlog stream (restart?)".into(),
+                ))
+            }
+            Ok(Some(Err(e))) => return Err(classify("reading the binlog", e)),
+            Ok(Some(Ok(ev))) => ev,
+        };
+        self.handle(ev)
+    }
+
+    fn handle(&mut self, ev: Event) -> Result<(), SourceError> {
+        let header = ev.header();
+        let raw_type = header.event_type_raw();
+        let log_pos = header.log_pos() as u64;
+        let data = ev.read_data().map_err(|e| {
+            SourceError::Definite(format!(
+                "cannot decode binlog event {raw_type} at {}:{log_pos}: {e}",
+                self.reader_file()
+            ))
+        })?;
+        let Some(data) = data else {
+            return self.handle_unknown(raw_type, &ev, log_pos);
+        };
+        match data {
+            EventData::RotateEvent(r) => {
+                let reader = self.reader.as_mut().expect("reader is open");
+                let mut name = r.name_raw().to_vec();
+                if r.is_fake() && !reader.seen_fde && reader.checksum && name.len() > 4 {
+                    // The fake Rotate precedes the format description, so its
+                    // checksum was not stripped.
+                    name.truncate(name.len() - 4);
+                }
+                reader.file = String::from_utf8_lossy(&name).into_owned();
+                debug!(file = %reader.file, pos = r.position(), "rotate");
+            }
+            EventData::FormatDescriptionEvent(_) => {
+                self.reader.as_mut().expect("reader is open").seen_fde = true;
+            }
+            EventData::GtidEvent(g) => {
+                let uuid = g.sid();
+                let gno = g.gno();
+                let reader = self.reader.as_mut().expect("reader is open");
+                reader.txn = Some(Txn {
+                    gtid_text: Some(format!("{}:{gno}", crate::position::format_uuid(&uuid))),
+                    mysql: Some((uuid, gno)),
+                    ..Txn::default()
+                });
+            }
+            EventData::QueryEvent(q) => {
+                let query = q.query();
+                let trimmed = query.trim();
+                let reader = self.reader.as_mut().expect("reader is open");
+                if trimmed.eq_ignore_ascii_case("BEGIN") {
+                    reader.txn.get_or_insert_with(Txn::default).open = true;
+                } else if trimmed.eq_ignore_ascii_case("COMMIT") {
+                    self.commit(log_pos, header.timestamp());
+                } else {
+                    // DDL and other statements: a group of its own. Table ids
+                    // may change after DDL; the next table map rebuilds them.
+                    if !reader.txn.as_ref().is_some_and(|t| t.open) {
+                        self.commit(log_pos, header.timestamp());
+                    }
+                }
+            }
+            EventData::TableMapEvent(tme) => {
+                let mapping = self.mapping_for(&tme)?;
+                let reader = self.reader.as_mut().expect("reader is open");
+                reader.tables.insert(tme.table_id(), mapping);
+            }
+            EventData::RowsEvent(rows) => self.handle_rows(rows, log_pos)?,
+            EventData::XidEvent(_) => self.commit(log_pos, header.timestamp()),
+            EventData::HeartbeatEvent => {}
+            EventData::TransactionPayloadEvent(_) => {
+                // MySQL compressed transaction: the stream yields its events next.
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn reader_file(&self) -> &str {
+        self.reader.as_ref().map_or("", |r| r.file.as_str())
+    }
+
+    fn handle_unknown(
+        &mut self,
+        raw_type: u8,
+        ev: &Event,
+        log_pos: u64,
+    ) -> Result<(), SourceError> {
+        let file = self.reader_file().to_owned();
+        let reader = self.reader.as_mut().expect("reader is open");
+        match raw_type {
+            MARIA_GTID => {
+                let (g, flags) = parse_mariadb_gtid_event(ev.data(), ev.header().server_id())
+                    .ok_or_else(|| {
+                        SourceError::Definite(format!(
+                            "malformed MariaDB GTID event at {file}:{log_pos}"
+                        ))
+                    })?;
+                reader.txn = Some(Txn {
+                    gtid_text: Some(g.to_string()),
+                    maria: Some(g),
+                    // FL_STANDALONE: a DDL statement without BEGIN/COMMIT.
+                    open: flags & 1 == 0,
+                    ..Txn::default()
+                });
+            }
+            MARIA_GTID_LIST => {
+                // The GTID state at this point of the binlog (start of a file):
+                // learn it when we started by file position.
+                if reader.txn.is_none() {
+                    if let Some(list) = parse_mariadb_gtid_list_event(ev.data()) {
+                        let mut merged = match reader.gtid.take() {
+                            Some(Gtid::MariaDb(l)) => l,
+                            _ => MariaGtidList::default(),
+                        };
+                        for g in list.iter() {
+                            if merged.get(g.domain).is_none_or(|m| m.seq < g.seq) {
+                                merged.advance(*g);
+                            }
+                        }
+                        reader.gtid = Some(Gtid::MariaDb(merged));
+                    }
+                }
+            }
+            MARIA_ANNOTATE_ROWS | MARIA_BINLOG_CHECKPOINT | MARIA_START_ENCRYPTION => {}
+            MARIA_QUERY_COMPRESSED => {
+                // A compressed DDL statement: ends a standalone group.
+                if !reader.txn.as_ref().is_some_and(|t| t.open) {
+                    self.commit(log_pos, ev.header().timestamp());
+                }
+            }
+            MARIA_ROWS_COMPRESSED_FIRST..=MARIA_ROWS_COMPRESSED_LAST => {
+                return Err(SourceError::Definite(format!(
+                    "compressed row event (type {raw_type}) at {file}:{log_pos}: the server writes \
+                     compressed binlog events (log_bin_compress=ON), which the relay cannot decode. \
+                     Set log_bin_compress=OFF; rows in compressed events must be re-sent by hand"
+                )));
+            }
+            other if reader.txn.is_some() => {
+                return Err(SourceError::Definite(format!(
+                    "unknown binlog event type {other} inside a transaction at {file}:{log_pos}; \
+                     refusing to skip it"
+                )));
+            }
+            other => debug!(
+                event_type = other,
+                "ignoring unknown binlog event outside a transaction"
+            ),
+        }
+        Ok(())
+    }
+
+    fn mapping_for(
+        &self,
+        tme: &mysql_async::binlog::events::TableMapEvent<'_>,
+    ) -> Result<Option<Arc<TableMapping>>, SourceError> {
+        let db = tme.database_name();
+        let table = tme.table_name();
+        let Some(idx) = self
+            .cfg
+            .outboxes
+            .iter()
+            .position(|o| o.database == db && o.table == table)
+        else {
+            return Ok(None);
+        };
+        let mut names = Vec::new();
+        for field in tme.iter_optional_meta() {
+            if let Ok(OptionalMetadataField::ColumnName(cn)) = field {
+                for n in cn.iter_names() {
+                    let n = n.map_err(|e| {
+                        SourceError::Definite(format!(
+                            "cannot read column names of {db}.{table}: {e}"
+                        ))
+                    })?;
+                    names.push(n.name().into_owned());
+                }
+            }
+        }
+        if names.is_empty() {
+            return Err(SourceError::Definite(format!(
+                "the binlog has no column names for {db}.{table}: the server's binlog_row_metadata \
+                 is not FULL (it was changed after start?). Set binlog_row_metadata=FULL"
+            )));
+        }
+        Ok(Some(Arc::new(TableMapping::new(
+            idx,
+            &self.cfg.outboxes[idx],
+            &names,
+        ))))
+    }
+
+    fn handle_rows(&mut self, rows: RowsEventData<'_>, log_pos: u64) -> Result<(), SourceError> {
+        let reader = self.reader.as_mut().expect("reader is open");
+        let table_id = rows.table_id();
+        let Some(Some(mapping)) = reader.tables.get(&table_id).cloned() else {
+            return Ok(());
+        };
+        let kind = match &rows {
+            RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => None,
+            RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => Some("update"),
+            RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => {
+                Some("delete")
+            }
+        };
+        let Some(tme) = reader.stream.get_tme(table_id) else {
+            return Err(SourceError::Definite(format!(
+                "rows event for table id {table_id} without its table map at {}:{log_pos}",
+                reader.file
+            )));
+        };
+        if let Some(kind) = kind {
+            let n = rows.rows(tme).count() as u64;
+            self.metrics
+                .ignored
+                .get_or_create(&vec![
+                    ("table".to_string(), mapping.name.clone()),
+                    ("kind".to_string(), kind.to_string()),
+                ])
+                .inc_by(n);
+            return Ok(());
+        }
+        let txn = reader.txn.get_or_insert_with(Txn::default);
+        let at = format!("{}:{log_pos}", reader.file);
+        let ctx_gtid = txn.gtid_text.clone();
+        let mapper = &self.mappers[mapping.outbox];
+        for row in rows.rows(tme) {
+            let (_, after) = row.map_err(|e| {
+                SourceError::Definite(format!(
+                    "cannot decode a row of {} at {at}: {e}",
+                    mapping.name
+                ))
+            })?;
+            let Some(after) = after else { continue };
+            txn.rows += 1;
+            if self.replay_skip > 0 {
+                self.replay_skip -= 1;
+                continue;
+            }
+            let result = mapper.map(
+                &mapping,
+                after,
+                RowContext {
+                    gtid: ctx_gtid.as_deref(),
+                    binlog: &at,
+                    epoch: &self.epoch,
+                },
+            );
+            self.out.push_back(SourceEvent::Row {
+                table: mapping.name.clone(),
+                result,
+                at: at.clone(),
+                gtid: ctx_gtid.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A transaction ended at `log_pos`: advance the committed position.
+    fn commit(&mut self, log_pos: u64, ts: u32) {
+        let reader = self.reader.as_mut().expect("reader is open");
+        let txn = reader.txn.take().unwrap_or_default();
+        if let Some(g) = txn.maria {
+            let mut l = match reader.gtid.take() {
+                Some(Gtid::MariaDb(l)) => l,
+                _ => MariaGtidList::default(),
+            };
+            l.advance(g);
+            reader.gtid = Some(Gtid::MariaDb(l));
+        }
+        if let Some((uuid, gno)) = txn.mysql {
+            let mut s = match reader.gtid.take() {
+                Some(Gtid::MySql(s)) => s,
+                _ => MysqlGtidSet::default(),
+            };
+            s.add(&crate::position::format_uuid(&uuid), gno);
+            reader.gtid = Some(Gtid::MySql(s));
+        }
+        if log_pos == 0 {
+            // Artificial events (log_pos 0) do not move the file position.
+            return;
+        }
+        self.replay_skip = 0;
+        self.committed = Position {
+            gtid: reader.gtid.clone(),
+            file: FilePos {
+                file: reader.file.clone(),
+                pos: log_pos,
+            },
+            commit_ts: ts,
+        };
+        if txn.rows > 0 || self.last_idle_commit.elapsed() >= IDLE_COMMIT_EVERY {
+            self.last_idle_commit = Instant::now();
+            self.out.push_back(SourceEvent::Commit {
+                position: self.committed.clone(),
+                rows: txn.rows,
+            });
+        }
+    }
+}
+
+fn kind(k: &str) -> Vec<(String, String)> {
+    vec![("kind".to_string(), k.to_string())]
+}
+
+fn mysql_sids(set: &MysqlGtidSet) -> Vec<mysql_async::Sid<'static>> {
+    set.iter()
+        .filter_map(|(uuid, ivs)| {
+            let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+            let mut bytes = [0u8; 16];
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+            }
+            Some(
+                mysql_async::Sid::new(bytes).with_intervals(
+                    ivs.iter()
+                        .map(|(a, b)| mysql_async::GnoInterval::new(*a, b + 1))
+                        .collect(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `message.max.bytes` from the Kafka properties (librdkafka's default otherwise).
+pub fn max_message_bytes(cfg: &Config) -> usize {
+    cfg.kafka
+        .properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mysql_sids_use_exclusive_ends() {
+        let set: MysqlGtidSet = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5:7"
+            .parse()
+            .unwrap();
+        let sids = mysql_sids(&set);
+        assert_eq!(sids.len(), 1);
+        let ivs: Vec<(u64, u64)> = sids[0]
+            .intervals()
+            .iter()
+            .map(|i| (i.start(), i.end()))
+            .collect();
+        assert_eq!(ivs, vec![(1, 6), (7, 8)]);
+        assert_eq!(sids[0].uuid()[0], 0x3e);
+    }
+}

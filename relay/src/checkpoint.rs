@@ -1,0 +1,196 @@
+//! The binlog position in Redis, fenced by the leadership epoch: a Lua
+//! compare-and-set refuses a writer whose epoch is older than the stored one.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, IntoConnectionInfo, Script};
+
+use crate::config::RedisConfig;
+use crate::position::Position;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Redis unreachable or failing: retry.
+    #[error("redis: {0}")]
+    Unavailable(String),
+    /// A newer leader wrote the checkpoint: this writer must stop.
+    #[error("checkpoint write refused: epoch {ours} is older than the stored epoch {stored}; another relay leads now")]
+    Fenced { ours: u64, stored: u64 },
+    #[error("stored checkpoint at {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("redis.url: {0}")]
+    Config(String),
+}
+
+fn unavailable(e: redis::RedisError) -> CheckpointError {
+    // RedisError's text carries no credentials (the URL is not in it).
+    CheckpointError::Unavailable(e.to_string())
+}
+
+/// KEYS[1] checkpoint hash; ARGV epoch, position JSON, updated-at millis.
+/// Returns {1, stored_epoch} when written, {0, stored_epoch} when refused.
+const CAS: &str = r#"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local ours = tonumber(ARGV[1])
+if ours < stored then
+  return {0, stored}
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'position', ARGV[2], 'updated_ms', ARGV[3])
+return {1, stored}
+"#;
+
+/// KEYS[1] checkpoint hash; ARGV epoch. Raises the stored epoch (never lowers
+/// it) so an older writer is refused from now on, even before our first write.
+const FENCE: &str = r#"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local ours = tonumber(ARGV[1])
+if ours < stored then
+  return {0, stored}
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
+return {1, stored}
+"#;
+
+#[derive(Clone)]
+pub struct CheckpointStore {
+    conn: ConnectionManager,
+    key: String,
+    cas: Script,
+    fence: Script,
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub epoch: u64,
+    pub position: Option<Position>,
+    pub updated_ms: u64,
+}
+
+impl CheckpointStore {
+    /// Connects (lazily reconnecting afterwards). `relay` names the checkpoint.
+    pub async fn connect(
+        cfg: &RedisConfig,
+        relay: &str,
+    ) -> Result<CheckpointStore, CheckpointError> {
+        let mut info = cfg
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| CheckpointError::Config(e.to_string()))?;
+        if !cfg.password.is_empty() {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(cfg.password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| CheckpointError::Config(e.to_string()))?;
+        let mcfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, mcfg)
+            .await
+            .map_err(unavailable)?;
+        Ok(CheckpointStore {
+            conn,
+            key: checkpoint_key(&cfg.key_prefix, relay),
+            cas: Script::new(CAS),
+            fence: Script::new(FENCE),
+        })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub async fn load(&self) -> Result<Stored, CheckpointError> {
+        let mut c = self.conn.clone();
+        let (epoch, pos, updated): (Option<u64>, Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&self.key)
+            .arg("epoch")
+            .arg("position")
+            .arg("updated_ms")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let position = match pos {
+            Some(p) => Some(
+                serde_json::from_str(&p).map_err(|e| CheckpointError::Corrupt {
+                    key: self.key.clone(),
+                    message: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Stored {
+            epoch: epoch.unwrap_or(0),
+            position,
+            updated_ms: updated.unwrap_or(0),
+        })
+    }
+
+    /// Raises the stored epoch to `epoch` (a new term begins).
+    pub async fn fence(&self, epoch: u64) -> Result<(), CheckpointError> {
+        let mut c = self.conn.clone();
+        let (ok, stored): (i64, u64) = self
+            .fence
+            .key(&self.key)
+            .arg(epoch)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(CheckpointError::Fenced {
+                ours: epoch,
+                stored,
+            })
+        }
+    }
+
+    /// Compare-and-set write of `position` under `epoch`.
+    pub async fn save(&self, epoch: u64, position: &Position) -> Result<(), CheckpointError> {
+        let json = serde_json::to_string(position).map_err(|e| CheckpointError::Corrupt {
+            key: self.key.clone(),
+            message: e.to_string(),
+        })?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut c = self.conn.clone();
+        let (ok, stored): (i64, u64) = self
+            .cas
+            .key(&self.key)
+            .arg(epoch)
+            .arg(json)
+            .arg(now_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(CheckpointError::Fenced {
+                ours: epoch,
+                stored,
+            })
+        }
+    }
+
+    /// Deletes the checkpoint (used by tests and the operator's Delete policy).
+    pub async fn delete(&self) -> Result<(), CheckpointError> {
+        let mut c = self.conn.clone();
+        let _: i64 = c.del(&self.key).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// `<prefix><relay>:checkpoint`
+pub fn checkpoint_key(prefix: &str, relay: &str) -> String {
+    format!("{prefix}{relay}:checkpoint")
+}

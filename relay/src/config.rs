@@ -1,0 +1,697 @@
+//! The relay's configuration: a TOML file (`deny_unknown_fields`), a few
+//! environment overrides, and secrets read from the environment or files.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::position::StartFrom;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("config: cannot read secret for `{field}` from {path}: {source}")]
+    SecretFile {
+        field: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this relay: keys the checkpoint in Redis and seeds the default
+    /// binlog server id. Relays reading the same outbox must share it.
+    pub name: String,
+    /// Leadership epoch used to fence checkpoint writes when `election` is
+    /// `none` (a single process). Raise it to take over from a stuck writer.
+    #[serde(default = "one")]
+    pub epoch: u64,
+    /// Where to start when no checkpoint is stored.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    pub mysql: MysqlConfig,
+    #[serde(rename = "outbox")]
+    pub outboxes: Vec<OutboxConfig>,
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    pub host: String,
+    #[serde(default = "default_mysql_port")]
+    pub port: u16,
+    pub user: String,
+    /// File holding the password (a mounted Secret). The environment variable
+    /// `OUTBOX_RELAY_MYSQL_PASSWORD` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Replica server id this relay registers with; must be unique among the
+    /// server's replicas. Default: derived from `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
+    /// Heartbeat period asked of the server; the stream is considered dead
+    /// after three periods without any event.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(skip)]
+    pub password: Secret,
+}
+
+fn default_mysql_port() -> u16 {
+    3306
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// PEM CA bundle to verify the server with (`verify-ca`, `verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    #[default]
+    Disabled,
+    /// Encrypt, do not verify the certificate.
+    Require,
+    /// Encrypt and verify the chain against `ca_file`, not the host name.
+    VerifyCa,
+    /// Encrypt and verify chain and host name.
+    VerifyFull,
+}
+
+/// One outbox table and how its rows become records.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    pub database: String,
+    #[serde(default = "default_table")]
+    pub table: String,
+    #[serde(default)]
+    pub columns: Columns,
+    /// Topic template over the row: `{aggregate_type}`, `{event_type}`,
+    /// `{database}`, `{table}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Explicit topic per aggregate type; wins over the template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_map: BTreeMap<String, String>,
+}
+
+fn default_table() -> String {
+    "outbox".into()
+}
+fn default_topic() -> String {
+    "outbox.event.{aggregate_type}".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Columns {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    /// JSON object column whose entries become record headers. Used when the
+    /// table has it; set to "" to ignore such a column.
+    pub headers: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            id: "id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BadRowPolicy {
+    /// Stop the relay with an error naming the row; the position stays before it.
+    #[default]
+    Stop,
+    /// Send the row to `dead_letter_topic` with the reason in headers, continue.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// librdkafka properties passed through (compression, TLS, SASL...).
+    /// Secret ones come from `OUTBOX_RELAY_KAFKA_<PROPERTY>` env variables
+    /// (`sasl.password` ← `OUTBOX_RELAY_KAFKA_SASL_PASSWORD`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub bad_row_policy: BadRowPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// Create missing topics at start (local use). Production topics are
+    /// expected to exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_topics: Option<CreateTopics>,
+    #[serde(skip)]
+    pub secret_properties: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopics {
+    pub topics: Vec<String>,
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+}
+
+fn default_partitions() -> i32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (or `rediss://`), without the password; the
+    /// password comes from `OUTBOX_RELAY_REDIS_PASSWORD` or `password_file`.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Longest time an acknowledged commit waits before its checkpoint write.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    #[serde(skip)]
+    pub password: Secret,
+}
+
+fn default_key_prefix() -> String {
+    "outbox-relay:".into()
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Environment variable prefix for Kafka properties (secret or not).
+pub const KAFKA_ENV_PREFIX: &str = "OUTBOX_RELAY_KAFKA_";
+
+impl Config {
+    /// Reads the file, applies environment overrides and secrets, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::from_toml(&text, path, &env)
+    }
+
+    /// Parses and validates; `env` is the process environment (a parameter so
+    /// tests need not mutate the real one).
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        if let Some(v) = get("OUTBOX_RELAY_MYSQL_HOST") {
+            self.mysql.host = v;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_MYSQL_PORT") {
+            self.mysql.port = v
+                .parse()
+                .map_err(|_| invalid("OUTBOX_RELAY_MYSQL_PORT", format!("`{v}` is not a port")))?;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_MYSQL_USER") {
+            self.mysql.user = v;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS") {
+            self.kafka.bootstrap_servers = v;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_EPOCH") {
+            self.epoch = v
+                .parse()
+                .map_err(|_| invalid("OUTBOX_RELAY_EPOCH", format!("`{v}` is not a number")))?;
+        }
+        if let Some(v) = get("OUTBOX_RELAY_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        self.mysql.password = secret_from(
+            "mysql.password",
+            get("OUTBOX_RELAY_MYSQL_PASSWORD"),
+            self.mysql.password_file.as_deref(),
+        )?;
+        self.redis.password = secret_from(
+            "redis.password",
+            get("OUTBOX_RELAY_REDIS_PASSWORD"),
+            self.redis.password_file.as_deref(),
+        )?;
+        for (k, v) in env {
+            if k == "OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS" {
+                continue;
+            }
+            if let Some(prop) = k.strip_prefix(KAFKA_ENV_PREFIX) {
+                let prop = prop.to_ascii_lowercase().replace('_', ".");
+                self.kafka.secret_properties.insert(prop, Secret::new(v));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if self.epoch == 0 {
+            return Err(invalid("epoch", "must be at least 1"));
+        }
+        if self.mysql.host.is_empty() {
+            return Err(invalid("mysql.host", "must not be empty"));
+        }
+        if self.mysql.user.is_empty() {
+            return Err(invalid("mysql.user", "must not be empty"));
+        }
+        if self.mysql.server_id == Some(0) {
+            return Err(invalid("mysql.server_id", "must not be 0"));
+        }
+        if self.mysql.heartbeat.is_zero() {
+            return Err(invalid("mysql.heartbeat", "must be greater than 0"));
+        }
+        if self.mysql.tls.mode != TlsMode::Disabled
+            && self.mysql.tls.mode != TlsMode::Require
+            && self.mysql.tls.ca_file.is_none()
+        {
+            return Err(invalid(
+                "mysql.tls.ca_file",
+                "required with mode verify-ca or verify-full",
+            ));
+        }
+        if self.outboxes.is_empty() {
+            return Err(invalid(
+                "outbox",
+                "at least one [[outbox]] table is required",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, o) in self.outboxes.iter().enumerate() {
+            let f = |n: &str| format!("outbox[{i}].{n}");
+            if o.database.is_empty() {
+                return Err(invalid(f("database"), "must not be empty"));
+            }
+            if o.table.is_empty() {
+                return Err(invalid(f("table"), "must not be empty"));
+            }
+            if !seen.insert((o.database.clone(), o.table.clone())) {
+                return Err(invalid(
+                    f("table"),
+                    format!("{}.{} is listed twice", o.database, o.table),
+                ));
+            }
+            let c = &o.columns;
+            for (name, v) in [
+                ("id", &c.id),
+                ("aggregate_type", &c.aggregate_type),
+                ("aggregate_id", &c.aggregate_id),
+                ("event_type", &c.event_type),
+                ("payload", &c.payload),
+            ] {
+                if v.is_empty() {
+                    return Err(invalid(f(&format!("columns.{name}")), "must not be empty"));
+                }
+            }
+            crate::outbox::TopicTemplate::parse(&o.topic).map_err(|m| invalid(f("topic"), m))?;
+            for (k, t) in &o.topic_map {
+                crate::outbox::validate_topic_name(t)
+                    .map_err(|m| invalid(f(&format!("topic_map.{k}")), m))?;
+            }
+        }
+        if self.kafka.bootstrap_servers.is_empty() {
+            return Err(invalid("kafka.bootstrap_servers", "must not be empty"));
+        }
+        match (&self.kafka.bad_row_policy, &self.kafka.dead_letter_topic) {
+            (BadRowPolicy::DeadLetter, None) => {
+                return Err(invalid(
+                    "kafka.dead_letter_topic",
+                    "required with bad_row_policy = \"dead_letter\"",
+                ))
+            }
+            (_, Some(t)) => crate::outbox::validate_topic_name(t)
+                .map_err(|m| invalid("kafka.dead_letter_topic", m))?,
+            _ => {}
+        }
+        for k in self.kafka.properties.keys() {
+            if is_secret_property(k) {
+                return Err(invalid(
+                    format!("kafka.properties.{k}"),
+                    format!(
+                        "secret properties must not be in the config file; set {KAFKA_ENV_PREFIX}{}",
+                        k.to_ascii_uppercase().replace('.', "_")
+                    ),
+                ));
+            }
+        }
+        if let Some(ct) = &self.kafka.create_topics {
+            if ct.partitions < 1 {
+                return Err(invalid(
+                    "kafka.create_topics.partitions",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if url_has_password(&self.redis.url) {
+            return Err(invalid(
+                "redis.url",
+                "must not contain a password; use OUTBOX_RELAY_REDIS_PASSWORD or redis.password_file",
+            ));
+        }
+        if self.redis.checkpoint_interval.is_zero() {
+            return Err(invalid(
+                "redis.checkpoint_interval",
+                "must be greater than 0",
+            ));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                format!("`{}` is not an address like 0.0.0.0:8080", self.http.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The binlog replica server id: configured, or a stable hash of `name`
+    /// in 1_000_000..u32::MAX (away from the small ids people give servers).
+    pub fn server_id(&self) -> u32 {
+        self.mysql.server_id.unwrap_or_else(|| {
+            let h = fnv1a(self.name.as_bytes());
+            1_000_000 + (h % (u32::MAX as u64 - 1_000_000)) as u32
+        })
+    }
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// librdkafka properties that carry secrets.
+pub fn is_secret_property(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k == "ssl.key.pem"
+        || k == "sasl.oauthbearer.config"
+}
+
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+fn secret_from(
+    field: &str,
+    env: Option<String>,
+    file: Option<&Path>,
+) -> Result<Secret, ConfigError> {
+    if let Some(v) = env {
+        return Ok(Secret::new(v));
+    }
+    match file {
+        Some(p) => {
+            let s = std::fs::read_to_string(p).map_err(|source| ConfigError::SecretFile {
+                field: field.into(),
+                path: p.to_owned(),
+                source,
+            })?;
+            Ok(Secret::new(s.trim_end_matches(['\n', '\r'])))
+        }
+        None => Ok(Secret::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "orders"
+[mysql]
+host = "127.0.0.1"
+user = "relay"
+[[outbox]]
+database = "shop"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("relay.toml"), &[])
+    }
+
+    #[test]
+    fn minimal_config_gets_sensible_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.epoch, 1);
+        assert_eq!(c.start_from, StartFrom::Latest);
+        assert_eq!(c.mysql.port, 3306);
+        assert_eq!(c.outboxes[0].table, "outbox");
+        assert_eq!(c.outboxes[0].topic, "outbox.event.{aggregate_type}");
+        assert_eq!(c.outboxes[0].columns, Columns::default());
+        assert_eq!(c.kafka.bad_row_policy, BadRowPolicy::Stop);
+        assert_eq!(c.redis.checkpoint_interval, Duration::from_millis(500));
+        assert_eq!(c.mysql.heartbeat, Duration::from_secs(5));
+        // Stable default server id, not the server's own small ids.
+        assert_eq!(c.server_id(), parse(MINIMAL).unwrap().server_id());
+        assert!(c.server_id() >= 1_000_000);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse(&MINIMAL.replace("[kafka]", "[kafka]\nbootstrap = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `bootstrap`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_duration_are_named() {
+        let e = parse(&MINIMAL.replace("user = \"relay\"", "user = \"relay\"\nport = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
+        let e =
+            parse(&MINIMAL.replace("user = \"relay\"", "user = \"relay\"\nheartbeat = \"-5s\""))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("heartbeat"), "{e}");
+    }
+
+    #[test]
+    fn dead_letter_policy_needs_a_topic() {
+        let e = parse(&MINIMAL.replace("[kafka]", "[kafka]\nbad_row_policy = \"dead_letter\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.dead_letter_topic"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_env_not_the_file() {
+        let env = vec![
+            (
+                "OUTBOX_RELAY_MYSQL_PASSWORD".to_string(),
+                "s3cr3t".to_string(),
+            ),
+            (
+                "OUTBOX_RELAY_KAFKA_SASL_PASSWORD".to_string(),
+                "k4fk4".to_string(),
+            ),
+        ];
+        let c = Config::from_toml(MINIMAL, Path::new("r.toml"), &env).unwrap();
+        assert_eq!(c.mysql.password.expose(), "s3cr3t");
+        assert_eq!(c.kafka.secret_properties["sasl.password"].expose(), "k4fk4");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr3t") && !dbg.contains("k4fk4"), "{dbg}");
+
+        let e = parse(&MINIMAL.replace(
+            "[kafka]",
+            "[kafka]\nproperties = { \"sasl.password\" = \"x\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kafka.properties.sasl.password"), "{e}");
+        assert!(e.contains("OUTBOX_RELAY_KAFKA_SASL_PASSWORD"), "{e}");
+
+        let e = parse(&MINIMAL.replace("redis://127.0.0.1", "redis://:pw@127.0.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis.url") && !e.contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn bad_topic_template_is_named() {
+        let e = parse(&MINIMAL.replace(
+            "database = \"shop\"",
+            "database = \"shop\"\ntopic = \"events.{nope}\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("outbox[0].topic") && e.contains("{nope}"), "{e}");
+    }
+
+    #[test]
+    fn same_table_twice_is_refused() {
+        let e = parse(&MINIMAL.replace(
+            "[[outbox]]\ndatabase = \"shop\"",
+            "[[outbox]]\ndatabase = \"shop\"\n[[outbox]]\ndatabase = \"shop\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+}

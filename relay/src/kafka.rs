@@ -1,0 +1,289 @@
+//! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
+//! record out), backpressure on a full queue, dead-letter records, topic creation.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::KafkaConfig;
+use crate::outbox::{header, BadRow, Record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("kafka config: {0}")]
+    Config(String),
+    /// The producer refused the record for good (too large for the client...).
+    #[error("kafka refused record {id}: {message}")]
+    Rejected { id: String, message: String },
+    #[error("kafka: {0}")]
+    Failed(String),
+}
+
+/// Properties the relay sets; the guarantee-critical ones cannot be overridden.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    // Never drop a record on a timeout: a broker outage blocks (backpressure).
+    ("message.timeout.ms", "0"),
+    // Java-compatible key → partition hashing.
+    ("partitioner", "murmur2_random"),
+    ("linger.ms", "2"),
+    ("queue.buffering.max.kbytes", "16384"),
+    ("queue.buffering.max.messages", "100000"),
+];
+
+const PINNED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
+
+/// The librdkafka configuration: defaults, then user properties, then secret
+/// properties from the environment. Refuses overrides that break ordering or
+/// the no-loss guarantee.
+pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
+    let mut cc = ClientConfig::new();
+    for (k, v) in DEFAULTS {
+        cc.set(*k, *v);
+    }
+    for (k, v) in &cfg.properties {
+        if let Some((_, want)) = PINNED.iter().find(|(p, _)| p == k) {
+            let ok = v == want || (*k == "acks" && (v == "-1"));
+            if !ok {
+                return Err(SinkError::Config(format!(
+                    "kafka.properties.{k} = {v} would break the relay's guarantees (it needs {want})"
+                )));
+            }
+        }
+        cc.set(k, v);
+    }
+    cc.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in &cfg.secret_properties {
+        cc.set(k, v.expose());
+    }
+    cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    Ok(cc)
+}
+
+/// Producer wrapper.
+#[derive(Clone)]
+pub struct Sink {
+    producer: FutureProducer,
+}
+
+/// What `send` hands back: the delivery to await, or a record the producer
+/// refused up front (too large), which is a bad row.
+pub enum Sent {
+    Queued(DeliveryFuture),
+    Refused(String),
+}
+
+impl Sink {
+    pub fn new(cfg: &KafkaConfig) -> Result<Sink, SinkError> {
+        let producer: FutureProducer = client_config(cfg)?
+            .create()
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        Ok(Sink { producer })
+    }
+
+    /// Queues a record. A full producer queue waits (backpressure) instead of
+    /// dropping; only a refusal of this very record comes back as `Refused`.
+    pub async fn send(&self, rec: &Record) -> Result<Sent, SinkError> {
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header {
+                key: k.as_ref(),
+                value: Some(v.as_slice()),
+            });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic)
+            .key(rec.key.as_slice())
+            .headers(headers);
+        if let Some(v) = &rec.value {
+            fr = fr.payload(v.as_slice());
+        }
+        let mut wait = Duration::from_millis(1);
+        loop {
+            match self.producer.send_result(fr) {
+                Ok(f) => return Ok(Sent::Queued(f)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    fr = back;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(50));
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    return Ok(Sent::Refused(format!(
+                        "record of {} bytes exceeds the producer's message.max.bytes",
+                        rec.size()
+                    )))
+                }
+                Err((e, _)) => {
+                    return Err(SinkError::Rejected {
+                        id: rec.id.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits (off the async runtime) until every queued record is delivered
+    /// or `timeout` passes.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.flush(timeout))
+            .await
+            .map_err(|e| SinkError::Failed(e.to_string()))?
+            .map_err(|e| SinkError::Failed(e.to_string()))
+    }
+
+    /// Records still in the producer's queue.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}
+
+/// The dead-letter record of a bad row: its key and payload as far as known,
+/// the reason and the source position in headers.
+pub fn dead_letter(
+    topic: &str,
+    bad: &BadRow,
+    table: &str,
+    at: &str,
+    gtid: Option<&str>,
+    epoch: &str,
+) -> Record {
+    let mut headers: Vec<(Cow<'static, str>, Vec<u8>)> = vec![
+        (header::ERROR.into(), bad.reason.clone().into_bytes()),
+        (header::TABLE.into(), table.as_bytes().to_vec()),
+        (header::BINLOG.into(), at.as_bytes().to_vec()),
+        (header::EPOCH.into(), epoch.as_bytes().to_vec()),
+    ];
+    if let Some(id) = &bad.id {
+        headers.push((header::ID.into(), id.clone().into_bytes()));
+    }
+    if let Some(g) = gtid {
+        headers.push((header::GTID.into(), g.as_bytes().to_vec()));
+    }
+    Record {
+        topic: topic.to_owned(),
+        key: bad.key.clone().unwrap_or_default(),
+        value: bad.value.clone(),
+        headers,
+        id: bad.id.clone().unwrap_or_default(),
+    }
+}
+
+/// Creates the topics that do not exist yet (local use).
+pub async fn create_topics(
+    cfg: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+) -> Result<(), SinkError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)?
+        .create()
+        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| SinkError::Failed(format!("creating topics: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(SinkError::Failed(format!("creating topic {t}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use std::collections::BTreeMap;
+
+    fn kcfg(props: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            bad_row_policy: Default::default(),
+            dead_letter_topic: None,
+            create_topics: None,
+            secret_properties: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn defaults_keep_the_guarantees_and_pass_properties_through() {
+        let mut k = kcfg(&[
+            ("compression.type", "lz4"),
+            ("security.protocol", "SASL_SSL"),
+        ]);
+        k.secret_properties
+            .insert("sasl.password".into(), Secret::new("pw"));
+        let cc = client_config(&k).unwrap();
+        assert_eq!(cc.get("enable.idempotence"), Some("true"));
+        assert_eq!(cc.get("acks"), Some("all"));
+        assert_eq!(cc.get("message.timeout.ms"), Some("0"));
+        assert_eq!(cc.get("compression.type"), Some("lz4"));
+        assert_eq!(cc.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cc.get("sasl.password"), Some("pw"));
+        assert_eq!(cc.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
+
+    #[test]
+    fn overrides_that_break_guarantees_are_refused_by_name() {
+        let e = client_config(&kcfg(&[("acks", "1")]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("kafka.properties.acks"), "{e}");
+        let e = client_config(&kcfg(&[("enable.idempotence", "false")]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("enable.idempotence"), "{e}");
+        assert!(client_config(&kcfg(&[("acks", "-1")])).is_ok());
+    }
+
+    #[test]
+    fn dead_letter_record_carries_reason_and_position() {
+        let bad = BadRow {
+            reason: "aggregate id (the record key) is NULL".into(),
+            id: Some("7".into()),
+            key: None,
+            value: Some(b"{}".to_vec()),
+        };
+        let r = dead_letter(
+            "dlq",
+            &bad,
+            "shop.outbox",
+            "mysql-bin.000001:99",
+            Some("0-1-5"),
+            "2",
+        );
+        assert_eq!(r.topic, "dlq");
+        let h = |k: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(h("outbox.error").unwrap(), bad.reason.as_bytes());
+        assert_eq!(h("id").unwrap(), b"7");
+        assert_eq!(h("outbox.table").unwrap(), b"shop.outbox");
+        assert_eq!(h("outbox.binlog").unwrap(), b"mysql-bin.000001:99");
+        assert_eq!(h("outbox.gtid").unwrap(), b"0-1-5");
+        assert_eq!(r.value.as_deref(), Some(&b"{}"[..]));
+    }
+}

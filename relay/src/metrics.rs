@@ -1,0 +1,138 @@
+//! Prometheus metrics of the relay (prometheus-client, text exposition).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(String, String)>;
+
+/// Every metric the relay exports. Cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    /// Records acknowledged by Kafka, by source table and topic.
+    pub events: Family<Labels, Counter>,
+    /// Payload bytes acknowledged by Kafka, by source table.
+    pub bytes: Family<Labels, Counter>,
+    /// Rows sent to the dead-letter topic, by source table.
+    pub dead_letters: Family<Labels, Counter>,
+    /// UPDATE/DELETE rows on outbox tables, ignored.
+    pub ignored: Family<Labels, Counter>,
+    /// Errors by kind: mysql, kafka, redis, bad_row, fenced.
+    pub errors: Family<Labels, Counter>,
+    pub reconnects: Counter,
+    pub checkpoints: Counter,
+    /// 1 while the binlog stream is open.
+    pub streaming: Gauge,
+    /// Seconds since the last checkpoint write.
+    pub checkpoint_age: Gauge<f64, AtomicU64>,
+    /// Commit time of the last checkpointed transaction (unix seconds).
+    pub checkpoint_commit_time: Gauge,
+    /// Offset of the checkpoint in its binlog file.
+    pub checkpoint_offset: Gauge,
+    /// now − commit time of the last relayed transaction while behind; 0 when caught up.
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub epoch: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("outbox_relay");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            events: Family::default(),
+            bytes: Family::default(),
+            dead_letters: Family::default(),
+            ignored: Family::default(),
+            errors: Family::default(),
+            reconnects: Counter::default(),
+            checkpoints: Counter::default(),
+            streaming: Gauge::default(),
+            checkpoint_age: Gauge::default(),
+            checkpoint_commit_time: Gauge::default(),
+            checkpoint_offset: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            epoch: Gauge::default(),
+        };
+        r.register("events", "Records acknowledged by Kafka", m.events.clone());
+        r.register(
+            "bytes",
+            "Payload bytes acknowledged by Kafka",
+            m.bytes.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Rows sent to the dead-letter topic",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "ignored_rows",
+            "UPDATE/DELETE rows on outbox tables (ignored)",
+            m.ignored.clone(),
+        );
+        r.register("errors", "Errors by kind", m.errors.clone());
+        r.register(
+            "reconnects",
+            "Binlog stream reconnects",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Checkpoint writes to Redis",
+            m.checkpoints.clone(),
+        );
+        r.register(
+            "streaming",
+            "1 while the binlog stream is open",
+            m.streaming.clone(),
+        );
+        r.register(
+            "checkpoint_age_seconds",
+            "Seconds since the last checkpoint write",
+            m.checkpoint_age.clone(),
+        );
+        r.register(
+            "checkpoint_commit_timestamp_seconds",
+            "Commit time of the last checkpointed transaction",
+            m.checkpoint_commit_time.clone(),
+        );
+        r.register(
+            "checkpoint_binlog_offset",
+            "Binlog offset of the checkpoint",
+            m.checkpoint_offset.clone(),
+        );
+        r.register(
+            "lag_seconds",
+            "now minus the commit time of the last relayed transaction while behind, 0 when caught up",
+            m.lag_seconds.clone(),
+        );
+        r.register("epoch", "Leadership epoch of this relay", m.epoch.clone());
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// A one-label set.
+pub fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}

@@ -1,0 +1,511 @@
+//! The relay's data path: binlog source → Kafka producer → acknowledgements
+//! in order → checkpoint in Redis at commit boundaries.
+//!
+//! One task reads the binlog and queues records with the producer (pipelined
+//! across transactions); the acker task awaits deliveries in queue order, so
+//! when it reaches a commit marker every record before it is acknowledged,
+//! and only then may the checkpoint move there.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::DeliveryFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::binlog::{self, Source, SourceError, SourceEvent};
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::config::{BadRowPolicy, Config};
+use crate::kafka::{self, Sent, Sink, SinkError};
+use crate::metrics::{label, Metrics};
+use crate::outbox::{BadRow, Record};
+use crate::position::Position;
+
+/// Why the relay stopped. Every variant is definite: transient failures are
+/// retried where they happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(
+        "bad outbox row id={id} in {table} at {at}{gtid}: {reason}. The relay stopped before it \
+         (bad_row_policy = \"stop\"); the checkpoint stays before its transaction. To get past it, \
+         set kafka.bad_row_policy = \"dead_letter\" with a kafka.dead_letter_topic"
+    )]
+    BadRow {
+        id: String,
+        table: String,
+        at: String,
+        gtid: String,
+        reason: String,
+    },
+    #[error("kafka did not acknowledge record id={id} for topic {topic}: {message}")]
+    Delivery {
+        id: String,
+        topic: String,
+        message: String,
+    },
+}
+
+/// Liveness and readiness, shared with the HTTP server.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Streaming: binlog open and records flowing to Kafka.
+    pub ready: AtomicBool,
+    /// Set when the relay stopped on a definite error.
+    pub failed: AtomicBool,
+}
+
+enum Inflight {
+    Delivery {
+        fut: DeliveryFuture,
+        table: Arc<str>,
+        topic: String,
+        id: String,
+        bytes: u64,
+        dead_letter: bool,
+    },
+    Commit(Position),
+}
+
+/// How much in-flight work (records + commit markers) may be queued between
+/// the reader and the acker. The producer's own queue is bounded too.
+const INFLIGHT: usize = 20_000;
+
+/// Runs the relay until `shutdown` is cancelled (returns Ok after a final
+/// checkpoint) or a definite error stops it.
+pub async fn run(
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    let epoch = cfg.epoch;
+    metrics.epoch.set(epoch as i64);
+
+    let mut conn = retry("connect to MySQL", &shutdown, || {
+        binlog::connect(&cfg.mysql)
+    })
+    .await
+    .map_err(RelayError::Source)?
+    .ok_or_else(|| SourceError::Definite("shut down before connecting".into()))?;
+    let info = binlog::preflight(&mut conn, &cfg).await?;
+    info!(server = %info.version, gtid = info.gtid, "preflight passed");
+
+    let store = retry_checkpoint("connect to Redis", &shutdown, || {
+        CheckpointStore::connect(&cfg.redis, &cfg.name)
+    })
+    .await?;
+    let Some(store) = store else { return Ok(()) };
+    let Some(stored) = retry_checkpoint("load the checkpoint", &shutdown, || store.load()).await?
+    else {
+        return Ok(());
+    };
+    // Claim the term: from now on an older writer is refused.
+    store.fence(epoch).await?;
+    let start = match stored.position {
+        Some(p) => {
+            info!(position = %p.short(), file = %p.file, key = store.key(), "resuming from the stored checkpoint");
+            p
+        }
+        None => {
+            let p = binlog::resolve_start(&mut conn, &info, &cfg.start_from).await?;
+            info!(start_from = %cfg.start_from, position = %p.short(), file = %p.file, "no checkpoint stored; starting");
+            p
+        }
+    };
+    binlog::check_resume_point(&mut conn, &info, &start).await?;
+    drop(conn);
+
+    if let Some(ct) = &cfg.kafka.create_topics {
+        kafka::create_topics(&cfg.kafka, &ct.topics, ct.partitions).await?;
+    }
+    let sink = Sink::new(&cfg.kafka)?;
+    let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
+
+    let pending: Arc<Mutex<VecDeque<u32>>> = Arc::default();
+    let (tx, rx) = mpsc::channel::<Inflight>(INFLIGHT);
+    let acker = tokio::spawn(ack_loop(
+        rx,
+        store.clone(),
+        epoch,
+        cfg.redis.checkpoint_interval,
+        metrics.clone(),
+        pending.clone(),
+        shutdown.clone(),
+    ));
+    let mut acker = std::pin::pin!(acker);
+    health.ready.store(true, Ordering::Relaxed);
+    let epoch_text = epoch.to_string();
+    let mut tables: HashMap<String, Arc<str>> = HashMap::new();
+
+    let mut result: Result<(), RelayError> = Ok(());
+    let mut acker_done = None;
+    loop {
+        let ev = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("shutting down: stop reading, flush, final checkpoint");
+                break;
+            }
+            r = &mut acker => {
+                acker_done = Some(r);
+                break;
+            }
+            ev = source.next() => ev,
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        };
+        let item = match ev {
+            SourceEvent::Commit { position, .. } => {
+                pending
+                    .lock()
+                    .expect("pending lock")
+                    .push_back(position.commit_ts);
+                Inflight::Commit(position)
+            }
+            SourceEvent::Row {
+                table,
+                result: row,
+                at,
+                gtid,
+            } => {
+                let table_arc = tables
+                    .entry(table.clone())
+                    .or_insert_with(|| Arc::from(table.as_str()))
+                    .clone();
+                let outcome = match row {
+                    Ok(rec) => match sink.send(&rec).await {
+                        Ok(Sent::Queued(fut)) => Ok(delivery(fut, table_arc.clone(), rec, false)),
+                        Ok(Sent::Refused(reason)) => Err(BadRow {
+                            reason,
+                            id: Some(rec.id),
+                            key: Some(rec.key),
+                            value: rec.value,
+                        }),
+                        Err(e) => {
+                            result = Err(e.into());
+                            break;
+                        }
+                    },
+                    Err(bad) => Err(bad),
+                };
+                match outcome {
+                    Ok(item) => item,
+                    Err(bad) => {
+                        metrics
+                            .errors
+                            .get_or_create(&label("kind", "bad_row"))
+                            .inc();
+                        match (cfg.kafka.bad_row_policy, &cfg.kafka.dead_letter_topic) {
+                            (BadRowPolicy::DeadLetter, Some(dlq)) => {
+                                warn!(id = bad.id.as_deref().unwrap_or("?"), table = %table, at = %at, reason = %bad.reason, topic = %dlq, "bad outbox row sent to the dead-letter topic");
+                                let rec = kafka::dead_letter(
+                                    dlq,
+                                    &bad,
+                                    &table,
+                                    &at,
+                                    gtid.as_deref(),
+                                    &epoch_text,
+                                );
+                                match sink.send(&rec).await {
+                                    Ok(Sent::Queued(fut)) => delivery(fut, table_arc, rec, true),
+                                    Ok(Sent::Refused(reason)) => {
+                                        // Even the reason-only record is too big: give up clearly.
+                                        result = Err(bad_row_error(&bad, &table, &at, gtid.as_deref(), &format!("{}; its dead-letter record was refused too: {reason}", bad.reason)));
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        result = Err(e.into());
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => {
+                                result = Err(bad_row_error(
+                                    &bad,
+                                    &table,
+                                    &at,
+                                    gtid.as_deref(),
+                                    &bad.reason,
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if tx.send(item).await.is_err() {
+            // The acker stopped; its result says why.
+            break;
+        }
+    }
+    health.ready.store(false, Ordering::Relaxed);
+    metrics.streaming.set(0);
+    drop(tx);
+    drop(source);
+    let acked = match acker_done {
+        Some(r) => r,
+        None => acker.await,
+    };
+    let acked = acked.unwrap_or_else(|e| {
+        Err(RelayError::Sink(SinkError::Failed(format!(
+            "acknowledgement task failed: {e}"
+        ))))
+    });
+    // Report the first cause: a reader error explains an acker that stopped.
+    let outcome = result.and(acked);
+    if let Err(e) = &outcome {
+        health.failed.store(true, Ordering::Relaxed);
+        error!(error = %e, "relay stopped");
+    }
+    outcome
+}
+
+fn bad_row_error(
+    bad: &BadRow,
+    table: &str,
+    at: &str,
+    gtid: Option<&str>,
+    reason: &str,
+) -> RelayError {
+    RelayError::BadRow {
+        id: bad.id.clone().unwrap_or_else(|| "?".into()),
+        table: table.to_owned(),
+        at: at.to_owned(),
+        gtid: gtid.map(|g| format!(" (gtid {g})")).unwrap_or_default(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn delivery(fut: DeliveryFuture, table: Arc<str>, rec: Record, dead_letter: bool) -> Inflight {
+    Inflight::Delivery {
+        fut,
+        table,
+        bytes: rec.value.as_ref().map_or(0, |v| v.len() as u64),
+        topic: rec.topic,
+        id: rec.id,
+        dead_letter,
+    }
+}
+
+/// Awaits deliveries in queue order; at each commit marker the position is
+/// acknowledged and, at most every `interval`, written to Redis.
+async fn ack_loop(
+    mut rx: mpsc::Receiver<Inflight>,
+    store: CheckpointStore,
+    epoch: u64,
+    interval: Duration,
+    metrics: Metrics,
+    pending: Arc<Mutex<VecDeque<u32>>>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    let mut acked: Option<Position> = None;
+    let mut dirty = false;
+    let mut last_write = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Counts per (table, topic), flushed into metrics at each commit.
+    let mut counts: HashMap<(Arc<str>, String), (u64, u64)> = HashMap::new();
+    let mut dead: HashMap<Arc<str>, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                None => break,
+                Some(Inflight::Delivery { fut, table, topic, id, bytes, dead_letter }) => {
+                    match fut.await {
+                        Ok(Ok(_)) => {
+                            if dead_letter {
+                                *dead.entry(table).or_default() += 1;
+                            } else {
+                                let c = counts.entry((table, topic)).or_default();
+                                c.0 += 1;
+                                c.1 += bytes;
+                            }
+                        }
+                        Ok(Err((e, _))) => {
+                            metrics.errors.get_or_create(&label("kind", "kafka")).inc();
+                            return Err(RelayError::Delivery { id, topic, message: e.to_string() });
+                        }
+                        Err(_) => {
+                            return Err(RelayError::Delivery { id, topic, message: "the producer was dropped".into() });
+                        }
+                    }
+                }
+                Some(Inflight::Commit(p)) => {
+                    pending.lock().expect("pending lock").pop_front();
+                    for ((table, topic), (n, b)) in counts.drain() {
+                        let l = vec![("table".to_string(), table.to_string()), ("topic".to_string(), topic)];
+                        metrics.events.get_or_create(&l).inc_by(n);
+                        metrics.bytes.get_or_create(&label("table", &table)).inc_by(b);
+                    }
+                    for (table, n) in dead.drain() {
+                        metrics.dead_letters.get_or_create(&label("table", &table)).inc_by(n);
+                    }
+                    acked = Some(p);
+                    dirty = true;
+                    if last_write.elapsed() >= interval {
+                        write(&store, epoch, acked.as_ref(), &metrics, &shutdown, false).await?;
+                        dirty = false;
+                        last_write = Instant::now();
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                if dirty {
+                    write(&store, epoch, acked.as_ref(), &metrics, &shutdown, false).await?;
+                    dirty = false;
+                    last_write = Instant::now();
+                }
+            }
+        }
+        update_lag(&metrics, &pending, acked.as_ref(), last_write);
+    }
+    if dirty {
+        write(&store, epoch, acked.as_ref(), &metrics, &shutdown, true).await?;
+        if let Some(p) = &acked {
+            info!(position = %p.short(), file = %p.file, "final checkpoint written");
+        }
+    }
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn update_lag(
+    metrics: &Metrics,
+    pending: &Mutex<VecDeque<u32>>,
+    acked: Option<&Position>,
+    last_write: Instant,
+) {
+    let oldest = pending.lock().expect("pending lock").front().copied();
+    let lag = match oldest {
+        Some(ts) if ts > 0 => now_secs().saturating_sub(ts as u64) as f64,
+        _ => 0.0,
+    };
+    metrics.lag_seconds.set(lag);
+    metrics
+        .checkpoint_age
+        .set(last_write.elapsed().as_secs_f64());
+    if let Some(p) = acked {
+        metrics.checkpoint_commit_time.set(p.commit_ts as i64);
+    }
+}
+
+/// Writes the checkpoint, retrying while Redis is unavailable (the pipeline
+/// pauses meanwhile: the in-flight queue fills and the reader waits). On the
+/// final write during shutdown, gives up after 30 s: nothing is lost, the
+/// unsaved tail is sent again after a restart.
+async fn write(
+    store: &CheckpointStore,
+    epoch: u64,
+    pos: Option<&Position>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    last: bool,
+) -> Result<(), RelayError> {
+    let Some(pos) = pos else { return Ok(()) };
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.save(epoch, pos).await {
+            Ok(()) => {
+                metrics.checkpoints.inc();
+                metrics.checkpoint_offset.set(pos.file.pos as i64);
+                return Ok(());
+            }
+            Err(CheckpointError::Unavailable(e)) => {
+                metrics.errors.get_or_create(&label("kind", "redis")).inc();
+                if (last || shutdown.is_cancelled()) && started.elapsed() > Duration::from_secs(30)
+                {
+                    return Err(CheckpointError::Unavailable(format!(
+                        "{e}; final checkpoint at {} not written (the tail after the previous checkpoint will be sent again)",
+                        pos.short()
+                    ))
+                    .into());
+                }
+                warn!(error = %e, retry_in = ?backoff, "checkpoint write failed; pausing until Redis answers");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                if matches!(e, CheckpointError::Fenced { .. }) {
+                    metrics.errors.get_or_create(&label("kind", "fenced")).inc();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// Retries a transient MySQL step with backoff until it works, a definite
+/// error comes, or shutdown (→ None).
+async fn retry<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut f: F,
+) -> Result<Option<T>, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SourceError>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, retry_in = ?backoff, "cannot {what}; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn retry_checkpoint<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut f: F,
+) -> Result<Option<T>, CheckpointError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CheckpointError>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(CheckpointError::Unavailable(e)) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot {what}; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Installs what is missing and starts private MariaDB (binlog on), Redis and a
+# Kafka-protocol broker (tansu) on loopback ports; stops them by PID.
+#
+#   scripts/services.sh start            all three, in $OUTBOX_ENV_DIR (default target/services)
+#   scripts/services.sh stop             stop all three
+#   scripts/services.sh status
+#   scripts/services.sh install          only install what is missing
+#   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
+#   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
+#   scripts/services.sh start-broker  DIR PORT [sqlite|memory]
+#   scripts/services.sh stop-dir DIR     stop whatever runs from DIR
+#
+# Ports (override with env): MariaDB 3307, Redis 6390, broker 9092.
+# The replication user `relay` / `relay-password` is created on start.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ENV_DIR=${OUTBOX_ENV_DIR:-$ROOT/target/services}
+MYSQL_PORT=${OUTBOX_MYSQL_PORT:-3307}
+REDIS_PORT=${OUTBOX_REDIS_PORT:-6390}
+BROKER_PORT=${OUTBOX_BROKER_PORT:-9092}
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { echo "services: $*" >&2; }
+
+apt_install() {
+  # The first dpkg run sometimes fails to read an archive: retry once.
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >/dev/null 2>&1 || true; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+install_all() {
+  if ! command -v mariadbd >/dev/null 2>&1 && ! [ -x /usr/sbin/mariadbd ]; then
+    log "installing mariadb-server"
+    apt_install mariadb-server mariadb-client
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing redis-server"
+    apt_install redis-server
+  fi
+  if ! tansu_ok; then
+    # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
+    # data survives a broker restart like a real Kafka. Skipped when present.
+    log "installing tansu $TANSU_VERSION (slow: builds from crates.io)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
+  fi
+}
+
+tansu_ok() {
+  command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"
+}
+
+wait_port() { # host port what seconds
+  local deadline=$((SECONDS + $4))
+  while ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+    if [ $SECONDS -ge $deadline ]; then log "$3 did not listen on $1:$2 within $4 s"; return 1; fi
+    sleep 0.2
+  done
+}
+
+running() { # pidfile
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+mysqld_bin() { command -v mariadbd 2>/dev/null || echo /usr/sbin/mariadbd; }
+
+start_mariadb() { # dir port [args]
+  local dir=$1 port=$2; shift 2
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if running "$dir/mysqld.pid"; then return 0; fi
+  if ! [ -d "$dir/data/mysql" ]; then
+    mariadb-install-db --no-defaults --datadir="$dir/data" --user=root \
+      --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1
+  fi
+  "$(mysqld_bin)" --no-defaults --datadir="$dir/data" --socket="$dir/mysql.sock" \
+    --port="$port" --bind-address=127.0.0.1 --pid-file="$dir/mysqld.pid" \
+    --log-bin=mysql-bin --binlog-format=ROW --binlog-row-image=FULL \
+    --binlog-row-metadata=FULL --server-id=1 --user=root \
+    --log-error="$dir/mysqld.err" --character-set-server=utf8mb4 \
+    --collation-server=utf8mb4_unicode_ci --skip-name-resolve "$@" \
+    >/dev/null 2>&1 &
+  wait_port 127.0.0.1 "$port" "MariaDB" 60 || { tail -20 "$dir/mysqld.err" >&2; return 1; }
+  local deadline=$((SECONDS + 30))
+  until [ -f "$dir/mysqld.pid" ]; do
+    [ $SECONDS -lt $deadline ] || { log "no pid file in $dir"; return 1; }
+    sleep 0.1
+  done
+  mariadb --no-defaults --socket="$dir/mysql.sock" -uroot --default-character-set=utf8mb4 <<'SQL'
+CREATE USER IF NOT EXISTS 'relay'@'%' IDENTIFIED BY 'relay-password';
+GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT ON *.* TO 'relay'@'%';
+CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY 'app-password';
+GRANT ALL ON *.* TO 'app'@'%';
+SQL
+  log "MariaDB on 127.0.0.1:$port (data in $dir)"
+}
+
+start_redis() { # dir port [args]
+  local dir=$1 port=$2; shift 2
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if running "$dir/redis.pid"; then return 0; fi
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" "$@"
+  wait_port 127.0.0.1 "$port" "Redis" 30
+  log "Redis on 127.0.0.1:$port"
+}
+
+start_broker() { # dir port [sqlite|memory]
+  local dir=$1 port=$2 engine=${3:-sqlite}
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if running "$dir/tansu.pid"; then return 0; fi
+  local storage="sqlite://$dir/tansu.db"
+  [ "$engine" = memory ] && storage="memory://tansu/"
+  # setsid: the broker must not die with the shell that started it.
+  setsid tansu broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "$storage" >"$dir/tansu.log" 2>&1 </dev/null &
+  echo $! >"$dir/tansu.pid"
+  wait_port 127.0.0.1 "$port" "tansu" 60 || { tail -20 "$dir/tansu.log" >&2; return 1; }
+  log "tansu broker on 127.0.0.1:$port ($storage)"
+}
+
+stop_pidfile() { # pidfile
+  local f=$1
+  [ -f "$f" ] || return 0
+  local pid
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 30))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+stop_dir() {
+  for f in "$1/tansu.pid" "$1/redis.pid" "$1/mysqld.pid"; do stop_pidfile "$f"; done
+}
+
+case "${1:-start}" in
+  install) install_all ;;
+  start)
+    install_all
+    start_mariadb "$ENV_DIR/mariadb" "$MYSQL_PORT"
+    start_redis "$ENV_DIR/redis" "$REDIS_PORT"
+    start_broker "$ENV_DIR/broker" "$BROKER_PORT" "${OUTBOX_BROKER_ENGINE:-sqlite}"
+    ;;
+  stop) stop_dir "$ENV_DIR/broker"; stop_dir "$ENV_DIR/redis"; stop_dir "$ENV_DIR/mariadb" ;;
+  status)
+    for s in mariadb/mysqld redis/redis broker/tansu; do
+      if running "$ENV_DIR/$s.pid"; then echo "${s%%/*}: running"; else echo "${s%%/*}: stopped"; fi
+    done
+    ;;
+  start-mariadb) shift; start_mariadb "$@" ;;
+  start-redis) shift; start_redis "$@" ;;
+  start-broker) shift; start_broker "$@" ;;
+  stop-dir) stop_dir "$2" ;;
+  *) echo "usage: $0 start|stop|status|install|start-mariadb|start-redis|start-broker|stop-dir" >&2; exit 2 ;;
+esac
