@@ -114,15 +114,16 @@ start_broker() { # dir port [sqlite|memory]
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/tansu.pid"; then return 0; fi
-  local storage="sqlite://$dir/tansu.db"
+  # tansu resolves a sqlite:// path against its working directory.
+  local storage="sqlite://tansu.db"
   [ "$engine" = memory ] && storage="memory://tansu/"
   # setsid: the broker must not die with the shell that started it.
-  setsid tansu broker --listener-url "tcp://127.0.0.1:$port" \
+  (cd "$dir" && exec setsid tansu broker --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine "$storage" >"$dir/tansu.log" 2>&1 </dev/null &
+    --storage-engine "$storage" >"$dir/tansu.log" 2>&1 </dev/null) &
   echo $! >"$dir/tansu.pid"
   wait_port 127.0.0.1 "$port" "tansu" 60 || { tail -20 "$dir/tansu.log" >&2; return 1; }
-  log "tansu broker on 127.0.0.1:$port ($storage)"
+  log "tansu broker on 127.0.0.1:$port ($storage in $dir)"
 }
 
 stop_pidfile() { # pidfile

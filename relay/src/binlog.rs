@@ -691,13 +691,13 @@ impl Source {
             EventData::RotateEvent(r) => {
                 let reader = self.reader.as_mut().expect("reader is open");
                 let mut name = r.name_raw().to_vec();
-                if r.is_fake() && !reader.seen_fde && reader.checksum && name.len() > 4 {
-                    // The fake Rotate precedes the format description, so its
-                    // checksum was not stripped.
+                // The artificial Rotate (log_pos 0) that opens a stream precedes
+                // the format description, so its checksum was not stripped.
+                if log_pos == 0 && !reader.seen_fde && reader.checksum && name.len() > 4 {
                     name.truncate(name.len() - 4);
                 }
                 reader.file = String::from_utf8_lossy(&name).into_owned();
-                debug!(file = %reader.file, pos = r.position(), "rotate");
+                debug!(file = %reader.file, pos = r.position(), log_pos, seen_fde = reader.seen_fde, checksum = reader.checksum, "rotate");
             }
             EventData::FormatDescriptionEvent(_) => {
                 self.reader.as_mut().expect("reader is open").seen_fde = true;

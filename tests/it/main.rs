@@ -1,0 +1,5 @@
+//! One test binary for everything that needs the real services (link time
+//! is the cost of each binary on 2 cores).
+
+mod relay;
+mod support;

@@ -1,0 +1,658 @@
+//! Test harness: the services started by `scripts/services.sh`, a database per
+//! test, relay processes, a Kafka reader and the checks every test shares.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use outbox_relay::position::Position;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub const MYSQL_PORT: u16 = 3307;
+pub const REDIS_URL: &str = "redis://127.0.0.1:6390/0";
+pub const BROKER: &str = "127.0.0.1:9092";
+pub const RELAY_PASSWORD: &str = "relay-password";
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// Starts MariaDB, Redis and the broker once per test binary (a no-op when
+/// they already run).
+pub fn services() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let out = Command::new(root().join("scripts/services.sh"))
+            .arg("start")
+            .output()
+            .expect("run scripts/services.sh");
+        assert!(
+            out.status.success(),
+            "scripts/services.sh start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A scratch directory under target/, removed on drop unless the test failed.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = root()
+            .join("target/test-scratch")
+            .join(format!("{name}-{}", unique()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() % 1_000_000_000)
+        .unwrap_or(0);
+    format!(
+        "{}{t}{}",
+        std::process::id() % 1000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns Some, or panics naming `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub const OUTBOX_DDL: &str = "CREATE TABLE outbox (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    aggregate_type VARCHAR(255) NOT NULL,
+    aggregate_id VARCHAR(255) NULL,
+    event_type VARCHAR(255) NOT NULL,
+    payload LONGBLOB NULL,
+    headers TEXT NULL,
+    created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+) ENGINE=InnoDB";
+
+/// One event written to the outbox.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub aggregate_type: String,
+    pub aggregate_id: Option<String>,
+    pub event_type: String,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Option<String>,
+}
+
+impl Ev {
+    pub fn new(agg_type: &str, agg_id: &str, payload: &str) -> Ev {
+        Ev {
+            aggregate_type: agg_type.into(),
+            aggregate_id: Some(agg_id.into()),
+            event_type: "Created".into(),
+            payload: Some(payload.as_bytes().to_vec()),
+            headers: None,
+        }
+    }
+}
+
+/// A database of its own on a MariaDB server, with an outbox table.
+pub struct TestDb {
+    pub pool: mysql_async::Pool,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new(prefix: &str, port: u16) -> TestDb {
+        let name = format!("{prefix}_{}", unique());
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some("app"))
+            .pass(Some("app-password"))
+            .prefer_socket(false);
+        let admin = mysql_async::Pool::new(opts.clone());
+        let mut c = admin.get_conn().await.expect("connect to MariaDB");
+        c.query_drop(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+            .await
+            .expect("create database");
+        drop(c);
+        admin.disconnect().await.ok();
+        let pool = mysql_async::Pool::new(opts.db_name(Some(name.clone())));
+        let db = TestDb { pool, name };
+        db.exec(OUTBOX_DDL).await;
+        db
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        let mut c = self.pool.get_conn().await.expect("connect");
+        c.query_drop(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Inserts the events in one transaction; returns their ids in order.
+    pub async fn insert_txn(&self, evs: &[Ev]) -> Vec<u64> {
+        let mut c = self.pool.get_conn().await.expect("connect");
+        let mut tx = c
+            .start_transaction(mysql_async::TxOpts::default())
+            .await
+            .expect("begin");
+        let mut ids = Vec::with_capacity(evs.len());
+        for e in evs {
+            tx.exec_drop(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) VALUES (?, ?, ?, ?, ?)",
+                (&e.aggregate_type, &e.aggregate_id, &e.event_type, &e.payload, &e.headers),
+            )
+            .await
+            .expect("insert outbox row");
+            ids.push(tx.last_insert_id().expect("insert id"));
+        }
+        tx.commit().await.expect("commit");
+        ids
+    }
+
+    /// `(id, aggregate_id)` of every outbox row, in id order.
+    pub async fn rows(&self) -> Vec<(u64, Option<String>)> {
+        let mut c = self.pool.get_conn().await.expect("connect");
+        c.query("SELECT id, aggregate_id FROM outbox ORDER BY id")
+            .await
+            .expect("select outbox")
+    }
+
+    /// The server's binlog head (`SHOW MASTER STATUS`).
+    pub async fn head(&self) -> (String, u64) {
+        let mut c = self.pool.get_conn().await.expect("connect");
+        let r: Option<mysql_async::Row> = c.query_first("SHOW MASTER STATUS").await.expect("head");
+        let r = r.expect("binlog on");
+        (r.get(0).unwrap_or_default(), r.get(1).unwrap_or_default())
+    }
+}
+
+/// Everything a relay config needs; `extra` is appended TOML.
+pub struct RelaySpec<'a> {
+    pub name: &'a str,
+    pub db: &'a str,
+    pub mysql_port: u16,
+    pub topic: &'a str,
+    pub extra_kafka: &'a str,
+    pub extra: &'a str,
+}
+
+impl RelaySpec<'_> {
+    pub fn toml(&self, http_port: u16) -> String {
+        format!(
+            r#"name = "{name}"
+start_from = "earliest"
+{extra}
+
+[mysql]
+host = "127.0.0.1"
+port = {port}
+user = "relay"
+heartbeat = "1s"
+
+[[outbox]]
+database = "{db}"
+topic = "{topic}"
+
+[kafka]
+bootstrap_servers = "{broker}"
+{extra_kafka}
+
+[redis]
+url = "{redis}"
+key_prefix = "test:"
+checkpoint_interval = "200ms"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            name = self.name,
+            db = self.db,
+            port = self.mysql_port,
+            topic = self.topic,
+            broker = BROKER,
+            redis = REDIS_URL,
+            extra = self.extra,
+            extra_kafka = self.extra_kafka,
+        )
+    }
+}
+
+/// The relay binary, built once per test run so a test never runs a stale one.
+pub fn relay_bin() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "outbox-relay",
+                "--bin",
+                "outbox-relay",
+            ])
+            .current_dir(root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building outbox-relay failed");
+    });
+    // target/<profile>/deps/integration-xxxx → target/<profile>/outbox-relay
+    let exe = std::env::current_exe().expect("test exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("outbox-relay");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A relay process with its log captured in a file.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+    pub http_port: u16,
+}
+
+impl Relay {
+    pub fn start(dir: &Path, config: &str, http_port: u16, env: &[(&str, &str)]) -> Relay {
+        let n = unique();
+        let cfg = dir.join(format!("relay-{n}.toml"));
+        std::fs::write(&cfg, config).expect("write config");
+        let log = dir.join(format!("relay-{n}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(relay_bin());
+        cmd.arg("--config")
+            .arg(&cfg)
+            .env("OUTBOX_RELAY_MYSQL_PASSWORD", RELAY_PASSWORD)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn outbox-relay");
+        Relay {
+            child,
+            log,
+            http_port,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let log = self.log.clone();
+        let child = &mut self.child;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit within {within:?}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(60)).await
+    }
+
+    pub async fn kill(&mut self) {
+        self.signal("KILL");
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+
+    /// Until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let port = self.http_port;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http_get(port, "/readyz")
+                .await
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "relay exited ({s}) before it was ready; log:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay not ready; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+pub async fn create_topics(topics: &[String], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let res = admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .expect("create topics");
+    for r in res {
+        if let Err((t, e)) = r {
+            assert!(
+                e == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "create topic {t}: {e}"
+            );
+        }
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Rec {
+    pub fn header(&self, k: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_slice())
+    }
+    pub fn id(&self) -> u64 {
+        let raw = self.header("id").expect("id header");
+        std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("numeric id header")
+    }
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+}
+
+/// Reads every record of `topics` from the beginning: waits until at least
+/// `at_least` records are read, then until no new record came for a second
+/// (tansu's high watermarks lag behind its data, so they cannot tell the end).
+pub async fn read_topics(topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || read_blocking(&topics, at_least, within))
+        .await
+        .expect("reader thread")
+}
+
+fn consumer_for_read() -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", format!("test-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer")
+}
+
+fn read_blocking(topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
+    let probe = consumer_for_read();
+    let deadline = Instant::now() + within;
+    let mut consumers = Vec::new();
+    for t in topics {
+        let md = probe
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .expect("metadata");
+        for p in md.topics().iter().flat_map(|mt| mt.partitions()) {
+            // One consumer per partition: tansu answers a multi-partition
+            // fetch for one partition only.
+            let c = consumer_for_read();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(t, p.id(), Offset::Offset(0))
+                .expect("assign offset");
+            c.assign(&tpl).expect("assign");
+            consumers.push(c);
+        }
+    }
+    let mut out = Vec::new();
+    let mut last_new = Instant::now();
+    loop {
+        let mut got = false;
+        for c in &consumers {
+            while let Some(m) = c.poll(Duration::from_millis(10)) {
+                let m = m.expect("consume");
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_owned(), x.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Rec {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                got = true;
+            }
+        }
+        if got {
+            last_new = Instant::now();
+        }
+        let quiet = last_new.elapsed() > Duration::from_secs(1);
+        if (quiet && out.len() >= at_least) || Instant::now() >= deadline {
+            return out;
+        }
+    }
+}
+
+/// The stored checkpoint of relay `name` (key prefix `test:`).
+pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let (epoch, pos): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(format!("test:{name}:checkpoint"))
+        .arg("epoch")
+        .arg("position")
+        .query_async(&mut c)
+        .await
+        .expect("hmget");
+    Some((
+        epoch?,
+        serde_json::from_str(&pos?).expect("checkpoint json"),
+    ))
+}
+
+/// What a delivery check found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub delivered_unique: usize,
+    pub duplicates: usize,
+    pub missing: Vec<u64>,
+    pub unexpected: Vec<u64>,
+    /// Keys whose first deliveries are out of commit order, or split over partitions.
+    pub order_violations: Vec<String>,
+    /// Duplicates whose content differs from the first delivery.
+    pub inconsistent_duplicates: Vec<u64>,
+}
+
+impl Report {
+    pub fn assert_complete(&self) {
+        assert!(
+            self.missing.is_empty()
+                && self.unexpected.is_empty()
+                && self.order_violations.is_empty()
+                && self.inconsistent_duplicates.is_empty(),
+            "delivery check failed: {self:#?}"
+        );
+    }
+}
+
+/// Checks records against the outbox rows `(id, key)` in commit order: every
+/// row delivered, nothing else, per-key first deliveries in commit order in
+/// one partition, duplicates identical to the first delivery.
+pub fn check(rows: &[(u64, Option<String>)], recs: &[Rec]) -> Report {
+    let expected: BTreeMap<u64, Option<String>> = rows.iter().cloned().collect();
+    let mut first: HashMap<u64, &Rec> = HashMap::new();
+    let mut report = Report::default();
+    // Records in partition order.
+    let mut sorted: Vec<&Rec> = recs.iter().collect();
+    sorted
+        .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    let mut per_key: HashMap<String, Vec<(u64, String, i32)>> = HashMap::new();
+    for r in sorted {
+        let id = r.id();
+        if !expected.contains_key(&id) {
+            report.unexpected.push(id);
+            continue;
+        }
+        match first.get(&id) {
+            Some(f) => {
+                report.duplicates += 1;
+                if f.key != r.key || f.value != r.value || f.topic != r.topic {
+                    report.inconsistent_duplicates.push(id);
+                }
+            }
+            None => {
+                first.insert(id, r);
+                per_key
+                    .entry(r.key_str())
+                    .or_default()
+                    .push((id, r.topic.clone(), r.partition));
+            }
+        }
+    }
+    report.delivered_unique = first.len();
+    report.missing = expected
+        .keys()
+        .filter(|id| !first.contains_key(id))
+        .copied()
+        .collect();
+    for (key, seq) in per_key {
+        let (_, t0, p0) = &seq[0];
+        if seq.iter().any(|(_, t, p)| t != t0 || p != p0) {
+            report
+                .order_violations
+                .push(format!("{key}: split over partitions"));
+        }
+        if seq.windows(2).any(|w| w[0].0 >= w[1].0) {
+            report.order_violations.push(format!(
+                "{key}: {:?}",
+                seq.iter().map(|s| s.0).collect::<Vec<_>>()
+            ));
+        }
+    }
+    report
+}
