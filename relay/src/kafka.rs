@@ -1,7 +1,6 @@
 //! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
 //! record out), backpressure on a full queue, dead-letter records, topic creation.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -12,7 +11,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaConfig;
-use crate::outbox::{header, BadRow, Record};
+use crate::outbox::{header, BadRow, Headers, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -146,7 +145,9 @@ impl Sink {
 }
 
 /// The dead-letter record of a bad row: its key and payload as far as known,
-/// the reason and the source position in headers.
+/// the reason and the source position in headers. A payload that would make
+/// the record larger than `max_bytes` is left out (header
+/// `outbox.payload_omitted` gives its size); the row stays in the outbox table.
 pub fn dead_letter(
     topic: &str,
     bad: &BadRow,
@@ -154,8 +155,9 @@ pub fn dead_letter(
     at: &str,
     gtid: Option<&str>,
     epoch: &str,
+    max_bytes: usize,
 ) -> Record {
-    let mut headers: Vec<(Cow<'static, str>, Vec<u8>)> = vec![
+    let mut headers: Headers = vec![
         (header::ERROR.into(), bad.reason.clone().into_bytes()),
         (header::TABLE.into(), table.as_bytes().to_vec()),
         (header::BINLOG.into(), at.as_bytes().to_vec()),
@@ -167,13 +169,21 @@ pub fn dead_letter(
     if let Some(g) = gtid {
         headers.push((header::GTID.into(), g.as_bytes().to_vec()));
     }
-    Record {
+    let mut rec = Record {
         topic: topic.to_owned(),
         key: bad.key.clone().unwrap_or_default(),
         value: bad.value.clone(),
         headers,
         id: bad.id.clone().unwrap_or_default(),
+    };
+    if rec.size() > max_bytes {
+        let size = rec.value.take().map_or(0, |v| v.len());
+        rec.headers.push((
+            header::PAYLOAD_OMITTED.into(),
+            size.to_string().into_bytes(),
+        ));
     }
+    rec
 }
 
 /// Creates the topics that do not exist yet (local use).
@@ -271,6 +281,7 @@ mod tests {
             "mysql-bin.000001:99",
             Some("0-1-5"),
             "2",
+            1000,
         );
         assert_eq!(r.topic, "dlq");
         let h = |k: &str| {
@@ -285,5 +296,19 @@ mod tests {
         assert_eq!(h("outbox.binlog").unwrap(), b"mysql-bin.000001:99");
         assert_eq!(h("outbox.gtid").unwrap(), b"0-1-5");
         assert_eq!(r.value.as_deref(), Some(&b"{}"[..]));
+
+        let big = BadRow {
+            value: Some(vec![b'x'; 5000]),
+            ..bad
+        };
+        let r = dead_letter("dlq", &big, "shop.outbox", "f:4", None, "2", 1000);
+        assert_eq!(r.value, None);
+        assert_eq!(
+            r.headers
+                .iter()
+                .find(|(n, _)| n == "outbox.payload_omitted")
+                .map(|(_, v)| v.as_slice()),
+            Some(&b"5000"[..])
+        );
     }
 }

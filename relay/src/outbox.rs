@@ -25,7 +25,12 @@ pub mod header {
     pub const TABLE: &str = "outbox.table";
     /// Why a row went to the dead-letter topic.
     pub const ERROR: &str = "outbox.error";
+    /// Size of a payload left out of a dead-letter record that would be too large.
+    pub const PAYLOAD_OMITTED: &str = "outbox.payload_omitted";
 }
+
+/// Record headers: name and value bytes, in order.
+pub type Headers = Vec<(Cow<'static, str>, Vec<u8>)>;
 
 /// A record ready for the producer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +39,7 @@ pub struct Record {
     pub key: Vec<u8>,
     /// `None` for a NULL payload: a tombstone.
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(Cow<'static, str>, Vec<u8>)>,
+    pub headers: Headers,
     /// The outbox row id, as text.
     pub id: String,
 }
@@ -71,7 +76,17 @@ pub struct TableMapping {
     /// `database.table`
     pub name: String,
     pub outbox: usize,
-    cols: Result<Cols, String>,
+    cols: Result<Cols, Missing>,
+}
+
+/// A mapped column is missing: the reason, and where the columns that do
+/// exist are, so the bad row still carries its id, key and payload.
+#[derive(Debug, Clone)]
+struct Missing {
+    reason: String,
+    id: Option<usize>,
+    key: Option<usize>,
+    payload: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +120,7 @@ impl TableMapping {
                 )
             })
         };
-        let cols = (|| {
+        let cols = (|| -> Result<Cols, String> {
             Ok(Cols {
                 id: required(&c.id)?,
                 aggregate_type: required(&c.aggregate_type)?,
@@ -118,7 +133,13 @@ impl TableMapping {
                     find(&c.headers)
                 },
             })
-        })();
+        })()
+        .map_err(|reason| Missing {
+            reason,
+            id: find(&c.id),
+            key: find(&c.aggregate_id),
+            payload: find(&c.payload),
+        });
         TableMapping {
             name: format!("{}.{}", cfg.database, cfg.table),
             outbox,
@@ -166,12 +187,12 @@ impl Mapper {
     ) -> Result<Record, BadRow> {
         let cols = match &mapping.cols {
             Ok(c) => *c,
-            Err(reason) => {
+            Err(m) => {
                 return Err(BadRow {
-                    reason: reason.clone(),
-                    id: None,
-                    key: None,
-                    value: None,
+                    reason: m.reason.clone(),
+                    id: m.id.and_then(|i| row.take(i)).and_then(|v| to_id(&v)),
+                    key: m.key.and_then(|i| row.take(i)).and_then(to_bytes),
+                    value: m.payload.and_then(|i| row.take(i)).and_then(to_bytes),
                 })
             }
         };
@@ -225,7 +246,7 @@ impl Mapper {
                 }
             }
         };
-        let mut headers: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(6);
+        let mut headers: Headers = Vec::with_capacity(6);
         headers.push((header::ID.into(), id_text.clone().into_bytes()));
         if let Some(et) = event_type {
             headers.push((header::EVENT_TYPE.into(), et));
@@ -268,7 +289,7 @@ impl Mapper {
 
 /// Entries of the row's headers column: a JSON object. Strings become the
 /// header value as-is; other JSON values their JSON text.
-fn user_headers(raw: &[u8]) -> Result<Vec<(Cow<'static, str>, Vec<u8>)>, String> {
+fn user_headers(raw: &[u8]) -> Result<Headers, String> {
     let v: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| format!("headers column is not valid JSON: {e}"))?;
     match v {

@@ -145,6 +145,7 @@ pub async fn run(
     let mut acker = std::pin::pin!(acker);
     health.ready.store(true, Ordering::Relaxed);
     let epoch_text = epoch.to_string();
+    let max_bytes = binlog::max_message_bytes(&cfg);
     let mut tables: HashMap<String, Arc<str>> = HashMap::new();
 
     let mut result: Result<(), RelayError> = Ok(());
@@ -220,6 +221,7 @@ pub async fn run(
                                     &at,
                                     gtid.as_deref(),
                                     &epoch_text,
+                                    max_bytes,
                                 );
                                 match sink.send(&rec).await {
                                     Ok(Sent::Queued(fut)) => delivery(fut, table_arc, rec, true),

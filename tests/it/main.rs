@@ -1,5 +1,6 @@
 //! One test binary for everything that needs the real services (link time
 //! is the cost of each binary on 2 cores).
 
+mod faults;
 mod relay;
 mod support;

@@ -375,6 +375,33 @@ impl Relay {
         self.wait_exit(Duration::from_secs(10)).await;
     }
 
+    /// Records this process got acknowledged (its `/metrics`).
+    pub async fn events(&self) -> u64 {
+        let Some((_, text)) = http_get(self.http_port, "/metrics").await else {
+            return 0;
+        };
+        text.lines()
+            .filter(|l| l.starts_with("outbox_relay_events_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Until this process got at least `n` records acknowledged.
+    pub async fn wait_events(&mut self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.events().await < n {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                panic!("relay exited ({s}); log:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not relay {n} records; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Until `/readyz` answers 200.
     pub async fn wait_ready(&mut self) {
         let port = self.http_port;

@@ -1,0 +1,406 @@
+//! Server restarts, preflight refusals, a purged resume point and bad rows,
+//! against private MariaDB instances where a test changes server state.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A MariaDB of the test's own (binlog on, users created) in `dir`.
+struct PrivateDb {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivateDb {
+    fn start(dir: &std::path::Path, extra: &[&str]) -> PrivateDb {
+        let port = free_port();
+        let db = PrivateDb {
+            dir: dir.join("mariadb"),
+            port,
+        };
+        db.run("start-mariadb", extra);
+        db
+    }
+
+    fn run(&self, verb: &str, extra: &[&str]) {
+        let out = Command::new(root().join("scripts/services.sh"))
+            .arg(verb)
+            .arg(&self.dir)
+            .args(if verb == "start-mariadb" {
+                vec![self.port.to_string()]
+            } else {
+                vec![]
+            })
+            .args(extra)
+            .output()
+            .expect("services.sh");
+        assert!(
+            out.status.success(),
+            "services.sh {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn stop(&self) {
+        self.run("stop-dir", &[]);
+    }
+
+    fn restart(&self) {
+        self.stop();
+        self.run("start-mariadb", &[]);
+    }
+}
+
+impl Drop for PrivateDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spec<'a>(name: &'a str, db: &'a str, port: u16, topic: &'a str) -> RelaySpec<'a> {
+    RelaySpec {
+        name,
+        db,
+        mysql_port: port,
+        topic,
+        extra_kafka: "",
+        extra: "",
+    }
+}
+
+/// MariaDB restarted under a running relay: it reconnects at the last commit
+/// and nothing is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_a_mariadb_restart() {
+    services();
+    let dir = Scratch::new("mrestart");
+    let server = PrivateDb::start(&dir.0, &[]);
+    let db = TestDb::new("mrestart", server.port).await;
+    let topic_name = format!("{}.Order", db.name);
+    create_topics(std::slice::from_ref(&topic_name), 3).await;
+    let topic = format!("{}.{{aggregate_type}}", db.name);
+    let name = format!("mrestart-{}", db.name);
+    let s = spec(&name, &db.name, server.port, &topic);
+    let port = free_port();
+    let mut relay = Relay::start(&dir.0, &s.toml(port), port, &[]);
+    relay.wait_ready().await;
+    for i in 0..20 {
+        db.insert_txn(&[Ev::new("Order", &format!("k{}", i % 3), "{}")])
+            .await;
+    }
+    relay.wait_events(20).await;
+    server.restart();
+    // The pool reconnects to the restarted server.
+    for i in 20..40 {
+        db.insert_txn(&[Ev::new("Order", &format!("k{}", i % 3), "{}")])
+            .await;
+    }
+    relay.wait_events(40).await;
+    let rows = db.rows().await;
+    let recs = read_topics(
+        std::slice::from_ref(&topic_name),
+        rows.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    check(&rows, &recs).assert_complete();
+    assert!(
+        relay.logs().contains("binlog stream lost; reconnecting"),
+        "{}",
+        relay.logs()
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+}
+
+async fn expect_refusal(dir: &std::path::Path, toml: &str, wanted: &[&str]) {
+    let mut relay = Relay::start(dir, toml, 0, &[]);
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "relay must exit non-zero; log:\n{logs}");
+    for w in wanted {
+        assert!(logs.contains(w), "expected `{w}` in:\n{logs}");
+    }
+}
+
+/// Each server setting the relay needs, and the outbox table, is checked at
+/// start with one clear error naming the setting; the process exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_wrong_server_settings_and_tables() {
+    services();
+    let dir = Scratch::new("preflight");
+    let server = PrivateDb::start(&dir.0, &[]);
+    let db = TestDb::new("preflight", server.port).await;
+    let name = format!("preflight-{}", db.name);
+    let topic = "t.{aggregate_type}";
+    let s = spec(&name, &db.name, server.port, topic);
+    for (set, reset, wanted) in [
+        (
+            "SET GLOBAL binlog_format = 'STATEMENT'",
+            "SET GLOBAL binlog_format = 'ROW'",
+            "server setting binlog_format is STATEMENT, the relay needs ROW",
+        ),
+        (
+            "SET GLOBAL binlog_row_image = 'MINIMAL'",
+            "SET GLOBAL binlog_row_image = 'FULL'",
+            "server setting binlog_row_image is MINIMAL, the relay needs FULL",
+        ),
+        (
+            "SET GLOBAL binlog_row_metadata = 'MINIMAL'",
+            "SET GLOBAL binlog_row_metadata = 'FULL'",
+            "server setting binlog_row_metadata is MINIMAL, the relay needs FULL",
+        ),
+    ] {
+        db.exec(set).await;
+        expect_refusal(&dir.0, &s.toml(free_port()), &["preflight:", wanted]).await;
+        db.exec(reset).await;
+    }
+    // The outbox table and its mapped columns.
+    let missing_table = RelaySpec {
+        db: "no_such_db",
+        ..spec(&name, &db.name, server.port, topic)
+    };
+    expect_refusal(
+        &dir.0,
+        &missing_table.toml(free_port()),
+        &["preflight: outbox[0]: table no_such_db.outbox does not exist"],
+    )
+    .await;
+    let toml = s.toml(free_port()).replace(
+        "topic = \"t.{aggregate_type}\"",
+        "topic = \"t.{aggregate_type}\"\ncolumns = { event_type = \"kind\" }",
+    );
+    expect_refusal(
+        &dir.0,
+        &toml,
+        &["preflight: outbox[0].columns.event_type: column `kind` is not in"],
+    )
+    .await;
+    // Binary logging off altogether.
+    server.stop();
+    let no_binlog = PrivateDb {
+        dir: server.dir.clone(),
+        port: server.port,
+    };
+    no_binlog.run("start-mariadb", &["--skip-log-bin"]);
+    expect_refusal(
+        &dir.0,
+        &s.toml(free_port()),
+        &["server setting log_bin is OFF, the relay needs ON"],
+    )
+    .await;
+    // The relay's own config: one error naming the field.
+    let bad = s
+        .toml(free_port())
+        .replace("heartbeat = \"1s\"", "heartbeat = \"1s\"\nserver_idd = 4");
+    expect_refusal(&dir.0, &bad, &["unknown field `server_idd`"]).await;
+    drop(no_binlog);
+}
+
+/// The resume point purged while the relay was down: a definite error naming
+/// the lost range and how to recover, never a silent jump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_resume_point_is_refused_clearly() {
+    services();
+    let dir = Scratch::new("purge");
+    let server = PrivateDb::start(&dir.0, &[]);
+    let db = TestDb::new("purge", server.port).await;
+    let topic_name = format!("{}.Order", db.name);
+    create_topics(std::slice::from_ref(&topic_name), 1).await;
+    let topic = format!("{}.{{aggregate_type}}", db.name);
+    let name = format!("purge-{}", db.name);
+    let s = spec(&name, &db.name, server.port, &topic);
+    let port = free_port();
+    let mut relay = Relay::start(&dir.0, &s.toml(port), port, &[]);
+    relay.wait_ready().await;
+    db.insert_txn(&[Ev::new("Order", "a", "{}")]).await;
+    relay.wait_events(1).await;
+    assert!(relay.terminate().await.success());
+    let (_, stored) = checkpoint(&name).await.expect("checkpoint");
+
+    // While the relay is down: more rows, then their binlogs are purged.
+    db.insert_txn(&[Ev::new("Order", "a", "{\"lost\":true}")])
+        .await;
+    db.exec("FLUSH BINARY LOGS").await;
+    db.exec("FLUSH BINARY LOGS").await;
+    let (head_file, _) = db.head().await;
+    // PURGE skips a file a (dying) binlog dump thread still has open.
+    wait_for(
+        "the old dump thread to end and the purge to take",
+        Duration::from_secs(30),
+        || async {
+            use mysql_async::prelude::Queryable;
+            db.exec(&format!("PURGE BINARY LOGS TO '{head_file}'"))
+                .await;
+            let mut c = db.pool.get_conn().await.ok()?;
+            let first: Option<(String, u64)> = c.query_first("SHOW BINARY LOGS").await.ok()?;
+            first.filter(|(f, _)| *f == head_file)
+        },
+    )
+    .await;
+
+    expect_refusal(
+        &dir.0,
+        &s.toml(free_port()),
+        &[
+            &format!(
+                "resume point {} is no longer in the server's binlog",
+                stored.short()
+            ),
+            "were purged",
+            "start_from",
+        ],
+    )
+    .await;
+    assert_eq!(
+        checkpoint(&name).await.map(|c| c.1),
+        Some(stored),
+        "the checkpoint did not move"
+    );
+}
+
+/// Bad rows with `stop`: the relay stops naming the row, and the checkpoint
+/// stays before its transaction. With `dead_letter`: each kind of bad row
+/// goes to the dead-letter topic with the reason, and nothing after is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
+    services();
+    let dir = Scratch::new("badrows");
+    let db = TestDb::new("badrows", MYSQL_PORT).await;
+    let good_topic = format!("{}.Order", db.name);
+    let dlq = format!("{}.dlq", db.name);
+    create_topics(&[good_topic.clone(), dlq.clone()], 1).await;
+    let topic = format!("{}.{{aggregate_type}}", db.name);
+    let name = format!("badrows-{}", db.name);
+    let stop_spec = RelaySpec {
+        extra_kafka: "properties = { \"message.max.bytes\" = \"10000\" }",
+        ..spec(&name, &db.name, MYSQL_PORT, &topic)
+    };
+
+    let port = free_port();
+    let mut relay = Relay::start(&dir.0, &stop_spec.toml(port), port, &[]);
+    relay.wait_ready().await;
+    let first = db.insert_txn(&[Ev::new("Order", "a", "{\"n\":1}")]).await[0];
+    relay.wait_events(1).await;
+    let after_first = db.head().await;
+    let mut null_key = Ev::new("Order", "x", "{\"n\":2}");
+    null_key.aggregate_id = None;
+    let pair = db
+        .insert_txn(&[Ev::new("Order", "a", "{\"n\":1.5}"), null_key])
+        .await;
+    let bad_id = pair[1];
+    let status = relay.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let logs = relay.logs();
+    assert!(
+        logs.contains(&format!("bad outbox row id={bad_id} in {}.outbox", db.name))
+            && logs.contains("aggregate id (the record key) is NULL")
+            && logs.contains("bad_row_policy"),
+        "{logs}"
+    );
+    let (_, stored) = checkpoint(&name).await.expect("checkpoint");
+    assert_eq!(
+        (stored.file.file.as_str(), stored.file.pos),
+        (after_first.0.as_str(), after_first.1),
+        "the checkpoint stays at the commit before the bad row's transaction"
+    );
+
+    // More bad rows of every kind, between good ones; then dead_letter.
+    let mut headers_array = Ev::new("Order", "b", "{\"n\":3}");
+    headers_array.headers = Some("[1,2]".into());
+    let bad_topic = Ev::new("Order/Lines", "b", "{\"n\":4}");
+    let empty_type = Ev::new("", "b", "{\"n\":5}");
+    let mut too_big = Ev::new("Order", "b", "");
+    too_big.payload = Some(vec![b'x'; 20_000]);
+    let mut non_utf8 = Ev::new("Order", "b", "");
+    non_utf8.payload = Some(vec![0xff, 0xfe, 0x00, 0x80]);
+    let mut ids = Vec::new();
+    for e in [headers_array, bad_topic, empty_type, too_big, non_utf8] {
+        ids.extend(
+            db.insert_txn(&[e, Ev::new("Order", "b", "{\"good\":true}")])
+                .await,
+        );
+    }
+    let dl_spec = RelaySpec {
+        extra_kafka: &format!(
+            "properties = {{ \"message.max.bytes\" = \"10000\" }}\nbad_row_policy = \"dead_letter\"\ndead_letter_topic = \"{dlq}\""
+        ),
+        ..spec(&name, &db.name, MYSQL_PORT, &topic)
+    };
+    let port = free_port();
+    let mut relay = Relay::start(&dir.0, &dl_spec.toml(port), port, &[]);
+    relay.wait_ready().await;
+    db.exec("ALTER TABLE outbox DROP COLUMN event_type").await;
+    {
+        use mysql_async::prelude::Queryable;
+        let mut c = db.pool.get_conn().await.unwrap();
+        c.query_drop("INSERT INTO outbox (aggregate_type, aggregate_id, payload) VALUES ('Order', 'c', '{}')")
+            .await
+            .unwrap();
+    }
+    let head = db.head().await;
+    wait_for(
+        "checkpoint at the head",
+        Duration::from_secs(30),
+        || async {
+            checkpoint(&name)
+                .await
+                .filter(|(_, p)| p.file.pos >= head.1 && p.file.file == head.0)
+        },
+    )
+    .await;
+    let dead = read_topics(std::slice::from_ref(&dlq), 6, Duration::from_secs(30)).await;
+    let reasons: Vec<(u64, String)> = dead
+        .iter()
+        .map(|r| {
+            (
+                r.id(),
+                String::from_utf8_lossy(r.header("outbox.error").unwrap_or_default()).into_owned(),
+            )
+        })
+        .collect();
+    let expect = [
+        (bad_id, "aggregate id (the record key) is NULL"),
+        (ids[0], "headers column must be a JSON object, got an array"),
+        (ids[2], "contains `/`"),
+        (ids[4], "aggregate_type is empty"),
+        (ids[6], "exceeds the producer's message.max.bytes (10000)"),
+    ];
+    for (id, why) in expect {
+        assert!(
+            reasons.iter().any(|(i, r)| *i == id && r.contains(why)),
+            "dead letter for {id} with `{why}` in {reasons:?}"
+        );
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|(_, r)| r.contains("column `event_type` is not in")),
+        "the row after the dropped column: {reasons:?}"
+    );
+    for r in &dead {
+        assert!(r.header("outbox.binlog").is_some() && r.header("outbox.table").is_some());
+    }
+    // Every good row arrived, the non-UTF-8 payload unchanged.
+    let good = read_topics(
+        std::slice::from_ref(&good_topic),
+        8,
+        Duration::from_secs(30),
+    )
+    .await;
+    let good_ids: Vec<u64> = good.iter().map(Rec::id).collect();
+    let mut want = vec![first, pair[0]];
+    want.extend([ids[1], ids[3], ids[5], ids[7], ids[8], ids[9]]);
+    for id in &want {
+        assert!(
+            good_ids.contains(id),
+            "good row {id} missing from {good_ids:?}"
+        );
+    }
+    let raw = good
+        .iter()
+        .find(|r| r.id() == ids[8])
+        .expect("non-UTF-8 row");
+    assert_eq!(raw.value.as_deref(), Some(&[0xff, 0xfe, 0x00, 0x80][..]));
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+}
