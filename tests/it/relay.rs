@@ -40,7 +40,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
         let evs: Vec<Ev> = (0..50)
             .map(|i| {
                 n += 1;
-                let agg = (t * 50 + i) % 500;
+                let agg: u64 = (t * 50 + i) % 500;
                 let kind = if agg.is_multiple_of(2) {
                     "Order"
                 } else {
