@@ -8,10 +8,12 @@
 #   scripts/services.sh install          only install what is missing
 #   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
 #   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
-#   scripts/services.sh start-broker  DIR PORT [sqlite|memory]
+#   scripts/services.sh start-broker  DIR PORT [memory|sqlite]
 #   scripts/services.sh stop-dir DIR     stop whatever runs from DIR
 #
 # Ports (override with env): MariaDB 3307, Redis 6390, broker 9092.
+# The shared broker keeps data in memory (OUTBOX_BROKER_ENGINE=sqlite for a
+# durable one); tests that restart a broker start their own.
 # The replication user `relay` / `relay-password` is created on start.
 set -euo pipefail
 
@@ -40,6 +42,9 @@ install_all() {
   if ! command -v redis-server >/dev/null 2>&1; then
     log "installing redis-server"
     apt_install redis-server
+  fi
+  if ! command -v curl >/dev/null 2>&1; then
+    apt_install curl ca-certificates
   fi
   if ! tansu_ok; then
     # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
@@ -110,7 +115,7 @@ start_redis() { # dir port [args]
 }
 
 start_broker() { # dir port [sqlite|memory]
-  local dir=$1 port=$2 engine=${3:-sqlite}
+  local dir=$1 port=$2 engine=${3:-memory}
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/tansu.pid"; then return 0; fi
@@ -150,7 +155,7 @@ case "${1:-start}" in
     install_all
     start_mariadb "$ENV_DIR/mariadb" "$MYSQL_PORT"
     start_redis "$ENV_DIR/redis" "$REDIS_PORT"
-    start_broker "$ENV_DIR/broker" "$BROKER_PORT" "${OUTBOX_BROKER_ENGINE:-sqlite}"
+    start_broker "$ENV_DIR/broker" "$BROKER_PORT" "${OUTBOX_BROKER_ENGINE:-memory}"
     ;;
   stop) stop_dir "$ENV_DIR/broker"; stop_dir "$ENV_DIR/redis"; stop_dir "$ENV_DIR/mariadb" ;;
   status)

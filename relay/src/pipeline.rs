@@ -80,6 +80,9 @@ enum Inflight {
 /// the reader and the acker. The producer's own queue is bounded too.
 const INFLIGHT: usize = 20_000;
 
+/// How long a stop waits for the commit of a transaction being read.
+const FINISH_TXN: Duration = Duration::from_secs(10);
+
 /// Runs the relay until `shutdown` is cancelled (returns Ok after a final
 /// checkpoint) or a definite error stops it.
 pub async fn run(
@@ -150,11 +153,24 @@ pub async fn run(
 
     let mut result: Result<(), RelayError> = Ok(());
     let mut acker_done = None;
+    // Rows read since the last commit: a stop waits for their commit (up to
+    // FINISH_TXN), so a graceful stop leaves nothing to send again.
+    let mut open_rows = 0usize;
+    let mut stop_by: Option<tokio::time::Instant> = None;
     loop {
+        if stop_by.is_none() && shutdown.is_cancelled() {
+            info!("shutting down: finish the open transaction, flush, final checkpoint");
+            stop_by = Some(tokio::time::Instant::now() + FINISH_TXN);
+        }
+        if stop_by.is_some() && open_rows == 0 {
+            break;
+        }
+        let deadline = stop_by.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_TXN * 1000);
         let ev = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                info!("shutting down: stop reading, flush, final checkpoint");
+            _ = shutdown.cancelled(), if stop_by.is_none() => continue,
+            _ = tokio::time::sleep_until(deadline), if stop_by.is_some() => {
+                warn!(rows = open_rows, "stopping inside a transaction; its rows are sent again after a restart");
                 break;
             }
             r = &mut acker => {
@@ -172,6 +188,7 @@ pub async fn run(
         };
         let item = match ev {
             SourceEvent::Commit { position, .. } => {
+                open_rows = 0;
                 pending
                     .lock()
                     .expect("pending lock")
@@ -184,6 +201,7 @@ pub async fn run(
                 at,
                 gtid,
             } => {
+                open_rows += 1;
                 let table_arc = tables
                     .entry(table.clone())
                     .or_insert_with(|| Arc::from(table.as_str()))

@@ -603,7 +603,7 @@ pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
 }
 
 /// What a delivery check found.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Report {
     pub delivered_unique: usize,
     pub duplicates: usize,
@@ -613,6 +613,30 @@ pub struct Report {
     pub order_violations: Vec<String>,
     /// Duplicates whose content differs from the first delivery.
     pub inconsistent_duplicates: Vec<u64>,
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn head<T: std::fmt::Debug>(v: &[T]) -> String {
+            format!(
+                "{} {:?}{}",
+                v.len(),
+                &v[..v.len().min(10)],
+                if v.len() > 10 { "..." } else { "" }
+            )
+        }
+        f.debug_struct("Report")
+            .field("delivered_unique", &self.delivered_unique)
+            .field("duplicates", &self.duplicates)
+            .field("missing", &head(&self.missing))
+            .field("unexpected", &head(&self.unexpected))
+            .field("order_violations", &head(&self.order_violations))
+            .field(
+                "inconsistent_duplicates",
+                &head(&self.inconsistent_duplicates),
+            )
+            .finish()
+    }
 }
 
 impl Report {

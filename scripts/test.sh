@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: starts the services (installing what is missing), checks
+# formatting and lints, builds the binaries, runs unit and integration tests.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/services.sh start
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --workspace --bins --quiet
+cargo test --workspace
