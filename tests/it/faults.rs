@@ -189,6 +189,23 @@ async fn preflight_refuses_wrong_server_settings_and_tables() {
         &["server setting log_bin is OFF, the relay needs ON"],
     )
     .await;
+    // A wrong password: a clear, definite error that does not show it.
+    let mut relay = Relay::start(
+        &dir.0,
+        &s.toml(free_port()),
+        0,
+        &[("OUTBOX_RELAY_MYSQL_PASSWORD", "wrong-secret-value")],
+    );
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(
+        !status.success() && logs.contains("Access denied for user 'relay'"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("wrong-secret-value"),
+        "the password leaked: {logs}"
+    );
     // The relay's own config: one error naming the field.
     let bad = s
         .toml(free_port())

@@ -370,3 +370,83 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
     store.save(6, &moved).await.expect("newer epoch writes");
     assert_eq!(checkpoint(&name).await.map(|c| c.0), Some(6));
 }
+
+/// Several outbox tables in one relay, each with its own column names,
+/// topic template and topic map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_outbox_tables_each_with_its_mapping() {
+    services();
+    let dir = Scratch::new("tables");
+    let db = TestDb::new("tables", MYSQL_PORT).await;
+    db.exec(
+        "CREATE TABLE events (event_id CHAR(36) NOT NULL PRIMARY KEY, kind VARCHAR(64) NOT NULL, \
+         entity VARCHAR(64) NOT NULL, name VARCHAR(64) NOT NULL, body TEXT NOT NULL)",
+    )
+    .await;
+    let ts = vec![
+        format!("{}.Order", db.name),
+        format!("{}.billing", db.name),
+        format!("{}.events.Shipped", db.name),
+    ];
+    create_topics(&ts, 1).await;
+    let name = format!("tables-{}", db.name);
+    let second = format!(
+        r#"
+[[outbox]]
+database = "{db}"
+table = "events"
+topic = "{db}.{{table}}.{{event_type}}"
+columns = {{ id = "event_id", aggregate_type = "kind", aggregate_id = "entity", event_type = "name", payload = "body", headers = "" }}
+"#,
+        db = db.name
+    );
+    let toml = RelaySpec {
+        name: &name,
+        db: &db.name,
+        mysql_port: MYSQL_PORT,
+        topic: &format!("{}.{{aggregate_type}}", db.name),
+        extra_kafka: "",
+        extra: "",
+    }
+    .toml(0)
+    .replace(
+        "\n[kafka]",
+        &format!(
+            "topic_map = {{ Invoice = \"{}.billing\" }}\n{second}\n[kafka]",
+            db.name
+        ),
+    );
+    let port = free_port();
+    let toml = toml.replace("127.0.0.1:0\"", &format!("127.0.0.1:{port}\""));
+    let mut relay = Relay::start(&dir.0, &toml, port, &[]);
+    relay.wait_ready().await;
+    let ids = db
+        .insert_txn(&[
+            Ev::new("Order", "o1", "{\"a\":1}"),
+            Ev::new("Invoice", "i1", "{\"b\":2}"),
+        ])
+        .await;
+    db.exec(
+        "INSERT INTO events VALUES ('6f1c2a4e-0000-4000-8000-000000000001', 'Parcel', 'p1', 'Shipped', 'parcel shipped')",
+    )
+    .await;
+    relay.wait_events(3).await;
+    let recs = read_topics(&ts, 3, Duration::from_secs(30)).await;
+    let by_topic = |t: &str| recs.iter().find(|r| r.topic == t).cloned();
+    let order = by_topic(&ts[0]).expect("order record");
+    assert_eq!((order.id(), order.key_str()), (ids[0], "o1".to_string()));
+    let invoice = by_topic(&ts[1]).expect("topic map");
+    assert_eq!(invoice.id(), ids[1]);
+    let shipped = by_topic(&ts[2]).expect("second table");
+    assert_eq!(
+        shipped.header("id"),
+        Some(&b"6f1c2a4e-0000-4000-8000-000000000001"[..])
+    );
+    assert_eq!(shipped.key_str(), "p1");
+    assert_eq!(shipped.value.as_deref(), Some(&b"parcel shipped"[..]));
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    assert!(
+        !relay.logs().contains(RELAY_PASSWORD),
+        "the password leaked into the log"
+    );
+}
