@@ -74,16 +74,12 @@ fn spec<'a>(name: &'a str, db: &'a str, port: u16, topic: &'a str) -> RelaySpec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_a_mariadb_restart() {
     services();
-    let dir = Scratch::new("mrestart");
-    let server = PrivateDb::start(&dir.0, &[]);
-    let db = TestDb::new("mrestart", server.port).await;
-    let topic_name = format!("{}.Order", db.name);
-    create_topics(std::slice::from_ref(&topic_name), 3).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("mrestart-{}", db.name);
-    let s = spec(&name, &db.name, server.port, &topic);
+    let server_dir = Scratch::new("mrestart-server");
+    let server = PrivateDb::start(&server_dir.0, &[]);
+    let f = Fixture::new("mrestart", server.port, &["Order"], 3).await;
+    let (db, topics) = (&f.db, &f.topics);
     let port = free_port();
-    let mut relay = Relay::start(&dir.0, &s.toml(port), port, &[]);
+    let mut relay = Relay::start(&f.dir.0, &f.spec().toml(port), port, &[]);
     relay.wait_ready().await;
     for i in 0..20 {
         db.insert_txn(&[Ev::new("Order", &format!("k{}", i % 3), "{}")])
@@ -98,12 +94,7 @@ async fn reconnects_after_a_mariadb_restart() {
     }
     relay.wait_events(40).await;
     let rows = db.rows().await;
-    let recs = read_topics(
-        std::slice::from_ref(&topic_name),
-        rows.len(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let recs = read_topics(topics, rows.len(), Duration::from_secs(60)).await;
     check(&rows, &recs).assert_complete();
     assert!(
         relay.logs().contains("binlog stream lost; reconnecting"),
@@ -219,21 +210,17 @@ async fn preflight_refuses_wrong_server_settings_and_tables() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purged_resume_point_is_refused_clearly() {
     services();
-    let dir = Scratch::new("purge");
-    let server = PrivateDb::start(&dir.0, &[]);
-    let db = TestDb::new("purge", server.port).await;
-    let topic_name = format!("{}.Order", db.name);
-    create_topics(std::slice::from_ref(&topic_name), 1).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("purge-{}", db.name);
-    let s = spec(&name, &db.name, server.port, &topic);
+    let server_dir = Scratch::new("purge-server");
+    let server = PrivateDb::start(&server_dir.0, &[]);
+    let f = Fixture::new("purge", server.port, &["Order"], 1).await;
+    let (dir, db, name, s) = (&f.dir, &f.db, &f.name, f.spec());
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &s.toml(port), port, &[]);
     relay.wait_ready().await;
     db.insert_txn(&[Ev::new("Order", "a", "{}")]).await;
     relay.wait_events(1).await;
     assert!(relay.terminate().await.success());
-    let (_, stored) = checkpoint(&name).await.expect("checkpoint");
+    let (_, stored) = checkpoint(name).await.expect("checkpoint");
 
     // While the relay is down: more rows, then their binlogs are purged.
     db.insert_txn(&[Ev::new("Order", "a", "{\"lost\":true}")])
@@ -270,7 +257,7 @@ async fn purged_resume_point_is_refused_clearly() {
     )
     .await;
     assert_eq!(
-        checkpoint(&name).await.map(|c| c.1),
+        checkpoint(name).await.map(|c| c.1),
         Some(stored),
         "the checkpoint did not move"
     );
@@ -281,17 +268,12 @@ async fn purged_resume_point_is_refused_clearly() {
 /// goes to the dead-letter topic with the reason, and nothing after is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
-    services();
-    let dir = Scratch::new("badrows");
-    let db = TestDb::new("badrows", MYSQL_PORT).await;
-    let good_topic = format!("{}.Order", db.name);
-    let dlq = format!("{}.dlq", db.name);
-    create_topics(&[good_topic.clone(), dlq.clone()], 1).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("badrows-{}", db.name);
+    let f = Fixture::new("badrows", MYSQL_PORT, &["Order", "dlq"], 1).await;
+    let (dir, db, name) = (&f.dir, &f.db, &f.name);
+    let (good_topic, dlq) = (f.topics[0].clone(), f.topics[1].clone());
     let stop_spec = RelaySpec {
         extra_kafka: "properties = { \"message.max.bytes\" = \"10000\" }",
-        ..spec(&name, &db.name, MYSQL_PORT, &topic)
+        ..f.spec()
     };
 
     let port = free_port();
@@ -315,7 +297,7 @@ async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
             && logs.contains("bad_row_policy"),
         "{logs}"
     );
-    let (_, stored) = checkpoint(&name).await.expect("checkpoint");
+    let (_, stored) = checkpoint(name).await.expect("checkpoint");
     assert_eq!(
         (stored.file.file.as_str(), stored.file.pos),
         (after_first.0.as_str(), after_first.1),
@@ -342,7 +324,7 @@ async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
         extra_kafka: &format!(
             "properties = {{ \"message.max.bytes\" = \"10000\" }}\nbad_row_policy = \"dead_letter\"\ndead_letter_topic = \"{dlq}\""
         ),
-        ..spec(&name, &db.name, MYSQL_PORT, &topic)
+        ..f.spec()
     };
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &dl_spec.toml(port), port, &[]);
@@ -360,7 +342,7 @@ async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
         "checkpoint at the head",
         Duration::from_secs(30),
         || async {
-            checkpoint(&name)
+            checkpoint(name)
                 .await
                 .filter(|(_, p)| p.file.pos >= head.1 && p.file.file == head.0)
         },

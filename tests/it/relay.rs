@@ -7,29 +7,13 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn topics(db: &str, types: &[&str]) -> Vec<String> {
-    types.iter().map(|t| format!("{db}.{t}")).collect()
-}
-
 /// 10,000 rows over 500 aggregates in 200 transactions → exactly 10,000
 /// records, per-key commit order, over 3 partitions, right topic/key/headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_ten_thousand_rows_in_commit_order_per_key() {
-    services();
-    let dir = Scratch::new("order");
-    let db = TestDb::new("order", MYSQL_PORT).await;
-    let ts = topics(&db.name, &["Order", "Customer"]);
-    create_topics(&ts, 3).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("order-{}", db.name);
-    let spec = RelaySpec {
-        name: &name,
-        db: &db.name,
-        mysql_port: MYSQL_PORT,
-        topic: &topic,
-        extra_kafka: "",
-        extra: "",
-    };
+    let f = Fixture::new("order", MYSQL_PORT, &["Order", "Customer"], 3).await;
+    let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
+    let spec = f.spec();
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &spec.toml(port), port, &[]);
     relay.wait_ready().await;
@@ -56,7 +40,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
     let rows = db.rows().await;
     assert_eq!(rows.len(), 10_000);
     println!("inserted in {:?}", t0.elapsed());
-    let recs = read_topics(&ts, 10_000, Duration::from_secs(120)).await;
+    let recs = read_topics(ts, 10_000, Duration::from_secs(120)).await;
     println!("read back in {:?}", t0.elapsed());
     let report = check(&rows, &recs);
     report.assert_complete();
@@ -106,7 +90,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
         "checkpoint at the binlog head",
         Duration::from_secs(30),
         || async {
-            checkpoint(&name)
+            checkpoint(name)
                 .await
                 .filter(|(_, p)| p.file.file == head.0 && p.file.pos >= head.1)
         },
@@ -120,21 +104,9 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
 /// after kills and identical to the first delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_crashes_lose_nothing() {
-    services();
-    let dir = Scratch::new("crash");
-    let db = Arc::new(TestDb::new("crash", MYSQL_PORT).await);
-    let ts = topics(&db.name, &["Order"]);
-    create_topics(&ts, 3).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("crash-{}", db.name);
-    let spec = RelaySpec {
-        name: &name,
-        db: &db.name,
-        mysql_port: MYSQL_PORT,
-        topic: &topic,
-        extra_kafka: "",
-        extra: "",
-    };
+    let f = Fixture::new("crash", MYSQL_PORT, &["Order"], 3).await;
+    let (dir, db, ts) = (&f.dir, &f.db, &f.topics);
+    let spec = f.spec();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let db = db.clone();
@@ -172,7 +144,7 @@ async fn restarts_and_crashes_lose_nothing() {
     );
     // After a graceful stop the checkpoint covers everything delivered: the
     // restart sends none of it again.
-    let before = read_topics(&ts, 0, Duration::from_secs(10)).await;
+    let before = read_topics(ts, 0, Duration::from_secs(10)).await;
     let rows = db.rows().await;
     let delivered: std::collections::BTreeSet<u64> = before.iter().map(Rec::id).collect();
     let covered: Vec<(u64, Option<String>)> = rows
@@ -190,7 +162,7 @@ async fn restarts_and_crashes_lose_nothing() {
             relay.wait_events(after).await;
         }
         if i == 1 {
-            let recs = read_topics(&ts, 0, Duration::from_secs(10)).await;
+            let recs = read_topics(ts, 0, Duration::from_secs(10)).await;
             let r = check(&covered, &recs);
             assert_eq!(r.duplicates, 0, "no replay after a graceful stop: {r:?}");
         }
@@ -202,7 +174,7 @@ async fn restarts_and_crashes_lose_nothing() {
     stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer");
     let rows = db.rows().await;
-    let recs = read_topics(&ts, rows.len(), Duration::from_secs(120)).await;
+    let recs = read_topics(ts, rows.len(), Duration::from_secs(120)).await;
     let report = check(&rows, &recs);
     report.assert_complete();
     println!(
@@ -218,21 +190,9 @@ async fn restarts_and_crashes_lose_nothing() {
 /// rolled-back transaction change nothing of what is relayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noise_is_ignored() {
-    services();
-    let dir = Scratch::new("noise");
-    let db = TestDb::new("noise", MYSQL_PORT).await;
-    let ts = topics(&db.name, &["Order"]);
-    create_topics(&ts, 3).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("noise-{}", db.name);
-    let spec = RelaySpec {
-        name: &name,
-        db: &db.name,
-        mysql_port: MYSQL_PORT,
-        topic: &topic,
-        extra_kafka: "",
-        extra: "",
-    };
+    let f = Fixture::new("noise", MYSQL_PORT, &["Order"], 3).await;
+    let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
+    let spec = f.spec();
     db.exec("CREATE TABLE other (id INT PRIMARY KEY, b VARBINARY(32), l VARCHAR(32) CHARACTER SET latin1)").await;
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &spec.toml(port), port, &[]);
@@ -265,14 +225,10 @@ async fn noise_is_ignored() {
     wait_for(
         "checkpoint at the binlog head",
         Duration::from_secs(30),
-        || async {
-            checkpoint(&name)
-                .await
-                .filter(|(_, p)| p.file.pos >= head.1)
-        },
+        || async { checkpoint(name).await.filter(|(_, p)| p.file.pos >= head.1) },
     )
     .await;
-    let recs = read_topics(&ts, 2, Duration::from_secs(30)).await;
+    let recs = read_topics(ts, 2, Duration::from_secs(30)).await;
     let ids: Vec<u64> = recs.iter().map(Rec::id).collect();
     assert_eq!(ids, vec![first[0], second[0]]);
     assert_eq!(
@@ -302,28 +258,19 @@ async fn noise_is_ignored() {
 /// to start, and a direct stale write is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epoch_cannot_move_the_checkpoint() {
-    services();
-    let dir = Scratch::new("epoch");
-    let db = TestDb::new("epoch", MYSQL_PORT).await;
-    let ts = topics(&db.name, &["Order"]);
-    create_topics(&ts, 1).await;
-    let topic = format!("{}.{{aggregate_type}}", db.name);
-    let name = format!("epoch-{}", db.name);
+    let f = Fixture::new("epoch", MYSQL_PORT, &["Order"], 1).await;
+    let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
     let spec = RelaySpec {
-        name: &name,
-        db: &db.name,
-        mysql_port: MYSQL_PORT,
-        topic: &topic,
-        extra_kafka: "",
         extra: "epoch = 5",
+        ..f.spec()
     };
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &spec.toml(port), port, &[]);
     relay.wait_ready().await;
     db.insert_txn(&[Ev::new("Order", "a", "{}")]).await;
-    read_topics(&ts, 1, Duration::from_secs(30)).await;
+    read_topics(ts, 1, Duration::from_secs(30)).await;
     assert!(relay.terminate().await.success(), "{}", relay.logs());
-    let (epoch, pos) = checkpoint(&name).await.expect("checkpoint");
+    let (epoch, pos) = checkpoint(name).await.expect("checkpoint");
     assert_eq!(epoch, 5);
 
     // A relay of an older term refuses to start and writes nothing.
@@ -341,7 +288,7 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
         "{}",
         old.logs()
     );
-    assert_eq!(checkpoint(&name).await, Some((5, pos.clone())));
+    assert_eq!(checkpoint(name).await, Some((5, pos.clone())));
 
     // The store itself refuses a stale compare-and-set.
     let mut cfg = outbox_relay::config::RedisConfig {
@@ -352,7 +299,7 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
         password: Default::default(),
     };
     cfg.key_prefix = "test:".into();
-    let store = outbox_relay::checkpoint::CheckpointStore::connect(&cfg, &name)
+    let store = outbox_relay::checkpoint::CheckpointStore::connect(&cfg, name)
         .await
         .expect("store");
     let mut moved = pos.clone();
@@ -366,9 +313,9 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
             .contains("epoch 3 is older than the stored epoch 5"),
         "{e}"
     );
-    assert_eq!(checkpoint(&name).await, Some((5, pos)));
+    assert_eq!(checkpoint(name).await, Some((5, pos)));
     store.save(6, &moved).await.expect("newer epoch writes");
-    assert_eq!(checkpoint(&name).await.map(|c| c.0), Some(6));
+    assert_eq!(checkpoint(name).await.map(|c| c.0), Some(6));
 }
 
 /// Several outbox tables in one relay, each with its own column names,

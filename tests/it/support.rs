@@ -213,6 +213,47 @@ impl TestDb {
     }
 }
 
+/// What most tests start from: the services, a scratch directory, a database
+/// with an outbox table, topics `<db>.<type>` created, and a relay named for it
+/// whose topic template is `<db>.{aggregate_type}`.
+pub struct Fixture {
+    pub dir: Scratch,
+    pub db: std::sync::Arc<TestDb>,
+    pub topics: Vec<String>,
+    pub topic: String,
+    pub name: String,
+    pub mysql_port: u16,
+}
+
+impl Fixture {
+    pub async fn new(prefix: &str, mysql_port: u16, types: &[&str], partitions: i32) -> Fixture {
+        services();
+        let dir = Scratch::new(prefix);
+        let db = TestDb::new(prefix, mysql_port).await;
+        let topics: Vec<String> = types.iter().map(|t| format!("{}.{t}", db.name)).collect();
+        create_topics(&topics, partitions).await;
+        Fixture {
+            dir,
+            topic: format!("{}.{{aggregate_type}}", db.name),
+            name: format!("{prefix}-{}", db.name),
+            db: std::sync::Arc::new(db),
+            topics,
+            mysql_port,
+        }
+    }
+
+    pub fn spec(&self) -> RelaySpec<'_> {
+        RelaySpec {
+            name: &self.name,
+            db: &self.db.name,
+            mysql_port: self.mysql_port,
+            topic: &self.topic,
+            extra_kafka: "",
+            extra: "",
+        }
+    }
+}
+
 /// Everything a relay config needs; `extra` is appended TOML.
 pub struct RelaySpec<'a> {
     pub name: &'a str,
