@@ -1,0 +1,280 @@
+//! The `OutboxRelay` custom resource: types only. `crds/outboxrelays.yaml` is
+//! generated from them (`outbox-operator crd`); a test diffs the two.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// An outbox relay: relay pods that stream the committed rows of MySQL outbox
+/// tables from the binlog to Kafka, one elected leader at a time, with their
+/// position kept in Redis.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "outboxrelay.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    namespaced,
+    status = "OutboxRelayStatus",
+    shortname = "obr",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader.pod"}"#,
+    printcolumn = r#"{"name":"Position","type":"string","jsonPath":".status.position.short"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag.seconds"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelaySpec {
+    /// Relay pods: one leader streams, the others wait warm to take over.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    /// Relay image; defaults to the operator's own version of the relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// CPU and memory of the relay container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra annotations on the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// Extra labels on the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_labels: Option<BTreeMap<String, String>>,
+    /// Run the relay pods under this existing ServiceAccount instead of the
+    /// one the operator creates (it then needs the same Lease and status rights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    pub mysql: MysqlSpec,
+    pub kafka: KafkaSpec,
+    pub redis: RedisSpec,
+    /// Where to start when no checkpoint is stored: `latest`, `earliest`,
+    /// `gtid:<gtid list or set>` or `file:<FILE>:<POS>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(latest|earliest|gtid:.+|file:.+:[0-9]+)$"))]
+    pub start_from: Option<String>,
+    /// How often the leader reports into the status; a relay silent for two
+    /// intervals shows as Stalled. Duration like `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    pub heartbeat_interval: Option<String>,
+    /// Ready turns False while the lag is above this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_lag_seconds: Option<u32>,
+    /// What happens to the Redis checkpoint when the resource is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_policy: Option<CheckpointPolicy>,
+    /// Relay log level (tracing filter), e.g. `info` or `debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key in the Secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MysqlSpec {
+    /// Server host name.
+    #[schemars(length(min = 1))]
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Replication user (needs REPLICATION SLAVE, REPLICATION CLIENT, and
+    /// SELECT on the outbox tables).
+    #[schemars(length(min = 1))]
+    pub user: String,
+    /// The user's password.
+    pub password_secret: SecretKeyRef,
+    /// Replica server id; derived from the resource's uid when unset, so it
+    /// stays the same across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub server_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MysqlTls>,
+    /// The outbox tables and how their rows become records.
+    #[schemars(length(min = 1))]
+    pub outboxes: Vec<OutboxTable>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MysqlTls {
+    pub mode: TlsMode,
+    /// PEM CA bundle to verify the server (required by verify-ca and verify-full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Disabled,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxTable {
+    #[schemars(length(min = 1))]
+    pub database: String,
+    /// Table name; default `outbox`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// Column names, where they differ from the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Columns>,
+    /// Topic template over the row: `{aggregate_type}`, `{event_type}`,
+    /// `{database}`, `{table}`. Default `outbox.event.{aggregate_type}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Explicit topic per aggregate type; wins over the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_map: Option<BTreeMap<String, String>>,
+}
+
+/// Outbox column names; unset ones keep their default name.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Columns {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// JSON object column whose entries become headers; "" ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// `host:port[,host:port...]`
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// Non-secret librdkafka properties (compression, security.protocol,
+    /// sasl.mechanism...). Secret ones go in `secretProperties`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<BTreeMap<String, String>>,
+    /// librdkafka properties read from Secrets, e.g. `sasl.password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_properties: Option<BTreeMap<String, SecretKeyRef>>,
+    /// What to do with a row that cannot become a record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_row_policy: Option<BadRowPolicy>,
+    /// Topic for bad rows; required with `badRowPolicy: DeadLetter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BadRowPolicy {
+    /// Stop the relay naming the row (default); the position stays before it.
+    Stop,
+    /// Send the row to the dead-letter topic with the reason, and continue.
+    DeadLetter,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CheckpointPolicy {
+    /// Keep the checkpoint in Redis (default): a re-created relay resumes.
+    Retain,
+    /// Delete the checkpoint with the resource.
+    Delete,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `redis://host:port/db` or `rediss://...`, without a password.
+    #[schemars(regex(pattern = r"^rediss?://[^:@/]+(:[0-9]+)?(/[0-9]+)?$"))]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+    /// Prefix of the checkpoint key; default `outbox-relay:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+}
+
+/// What the operator and the leading relay report.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelayStatus {
+    /// The generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<PositionStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<LagStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderStatus {
+    pub pod: String,
+    /// Leadership term; only grows.
+    pub epoch: u64,
+    /// RFC 3339 time the term began.
+    pub since: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PositionStatus {
+    /// GTID when the server has one, else `file:pos`.
+    pub short: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
+    pub file: String,
+    pub pos: u64,
+    /// RFC 3339 commit time of the last relayed transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LagStatus {
+    pub seconds: u64,
+    /// Binlog bytes behind the server's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
