@@ -2,6 +2,8 @@
 //! that turns it into leader-elected relay pods.
 
 pub mod crd;
+pub mod resources;
+pub mod validate;
 
 use kube::CustomResourceExt;
 

@@ -2,5 +2,6 @@
 //! is the cost of each binary on 2 cores).
 
 mod faults;
+mod operator;
 mod relay;
 mod support;

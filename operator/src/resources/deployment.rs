@@ -1,0 +1,314 @@
+//! The relay Deployment: secrets by `secretKeyRef` only, probes on the
+//! relay's HTTP endpoints, a locked-down security context, and a config hash
+//! annotation so a config or Secret change rolls the pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+
+use crate::resources::config::{CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR};
+use crate::resources::{child_name, labels};
+use crate::validate::{SecretUse, ValidatedRelay};
+
+/// Annotation whose change rolls the relay pods.
+pub const CONFIG_HASH: &str = "outboxrelay.dev/config-hash";
+/// Non-root user of the relay image.
+const RELAY_UID: i64 = 65532;
+
+/// Environment variable that carries a secret of `use_` into the relay.
+pub fn env_name(use_: &SecretUse) -> String {
+    match use_ {
+        SecretUse::MysqlPassword => "OUTBOX_RELAY_MYSQL_PASSWORD".into(),
+        SecretUse::RedisPassword => "OUTBOX_RELAY_REDIS_PASSWORD".into(),
+        SecretUse::KafkaProperty(p) => {
+            format!(
+                "OUTBOX_RELAY_KAFKA_{}",
+                p.to_ascii_uppercase().replace('.', "_")
+            )
+        }
+        // Mounted as a file, not an env variable.
+        SecretUse::MysqlCa => String::new(),
+    }
+}
+
+/// `config_hash` covers the ConfigMap's data and the versions of the
+/// referenced Secrets (the reconciler computes it).
+pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> Deployment {
+    let s = &r.spec;
+    let labels = labels(r);
+    let mut pod_labels = s.pod_labels.clone().unwrap_or_default();
+    pod_labels.extend(labels.clone());
+    let mut annotations = s.pod_annotations.clone().unwrap_or_default();
+    annotations.insert(CONFIG_HASH.into(), config_hash.into());
+
+    let mut env: Vec<EnvVar> = r
+        .secrets
+        .iter()
+        .filter(|(u, _)| *u != SecretUse::MysqlCa)
+        .map(|(u, k)| EnvVar {
+            name: env_name(u),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: k.name.clone(),
+                    key: k.key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        })
+        .collect();
+    env.push(EnvVar {
+        name: "OUTBOX_RELAY_CONFIG".into(),
+        value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+        ..EnvVar::default()
+    });
+
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: child_name(r),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    if let Some((_, ca)) = r.secrets.iter().find(|(u, _)| *u == SecretUse::MysqlCa) {
+        volumes.push(Volume {
+            name: "mysql-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "mysql-ca".into(),
+            mount_path: MYSQL_CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(child_name(r)),
+            namespace: Some(r.namespace.clone()),
+            labels: Some(labels.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(s.replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels),
+                ..LabelSelector::default()
+            },
+            // Never two generations streaming side by side beyond the lease.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(
+                        s.service_account_name
+                            .clone()
+                            .unwrap_or_else(|| child_name(r)),
+                    ),
+                    automount_service_account_token: Some(true),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RELAY_UID),
+                        run_as_group: Some(RELAY_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    node_selector: s.node_selector.clone(),
+                    tolerations: s.tolerations.clone(),
+                    affinity: s.affinity.clone(),
+                    containers: vec![Container {
+                        name: "relay".into(),
+                        image: Some(image.into()),
+                        env: Some(env),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("http".into()),
+                            container_port: HTTP_PORT,
+                            ..ContainerPort::default()
+                        }]),
+                        liveness_probe: Some(probe("/healthz", 10)),
+                        readiness_probe: Some(probe("/readyz", 5)),
+                        resources: s.resources.clone(),
+                        volume_mounts: Some(mounts),
+                        security_context: Some(SecurityContext {
+                            allow_privilege_escalation: Some(false),
+                            read_only_root_filesystem: Some(true),
+                            run_as_non_root: Some(true),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".into()]),
+                                ..Capabilities::default()
+                            }),
+                            ..SecurityContext::default()
+                        }),
+                        ..Container::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// Hash of the relay config and the referenced Secrets' resource versions.
+pub fn config_hash(config: &str, secret_versions: &BTreeMap<String, String>) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h = (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(config.as_bytes());
+    for (k, v) in secret_versions {
+        feed(k.as_bytes());
+        feed(b"=");
+        feed(v.as_bytes());
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::tests::{fixture, FULL};
+    use crate::validate::validate;
+
+    fn deployment() -> Deployment {
+        let v = validate(&fixture(FULL)).expect("valid");
+        build_deployment(&v, "ghcr.io/example/outbox-relay:0.1.0", "abc")
+    }
+
+    #[test]
+    fn secrets_only_by_secret_key_ref() {
+        let d = deployment();
+        let pod = d.spec.expect("spec").template.spec.expect("pod");
+        let c = &pod.containers[0];
+        let env = c.env.as_ref().expect("env");
+        for e in env {
+            if e.name == "OUTBOX_RELAY_CONFIG" {
+                assert_eq!(e.value.as_deref(), Some("/etc/outbox-relay/relay.toml"));
+                continue;
+            }
+            assert!(e.value.is_none(), "{} has a literal value", e.name);
+            let r = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref());
+            assert!(r.is_some(), "{} is not from a Secret", e.name);
+        }
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "OUTBOX_RELAY_MYSQL_PASSWORD",
+                "OUTBOX_RELAY_REDIS_PASSWORD",
+                "OUTBOX_RELAY_KAFKA_SASL_PASSWORD",
+                "OUTBOX_RELAY_KAFKA_SASL_USERNAME",
+                "OUTBOX_RELAY_CONFIG"
+            ]
+        );
+        let ca = pod
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .find(|v| v.name == "mysql-ca");
+        assert_eq!(
+            ca.and_then(|v| v.secret)
+                .and_then(|s| s.secret_name)
+                .as_deref(),
+            Some("mysql-ca")
+        );
+    }
+
+    #[test]
+    fn locked_down_security_context_and_probes() {
+        let d = deployment();
+        let spec = d.spec.expect("spec");
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.expect("pod");
+        let psc = pod.security_context.expect("pod security context");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.map(|s| s.type_).as_deref(),
+            Some("RuntimeDefault")
+        );
+        let c = &pod.containers[0];
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+        };
+        assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+        assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("orders-relay"));
+        let ann = spec
+            .template
+            .metadata
+            .and_then(|m| m.annotations)
+            .expect("annotations");
+        assert_eq!(ann[CONFIG_HASH], "abc");
+    }
+
+    #[test]
+    fn config_hash_follows_config_and_secret_versions() {
+        let secrets = BTreeMap::from([("mysql-relay".to_string(), "41".to_string())]);
+        let a = config_hash("x = 1", &secrets);
+        assert_eq!(a, config_hash("x = 1", &secrets));
+        assert_ne!(a, config_hash("x = 2", &secrets));
+        let rotated = BTreeMap::from([("mysql-relay".to_string(), "42".to_string())]);
+        assert_ne!(a, config_hash("x = 1", &rotated));
+    }
+}

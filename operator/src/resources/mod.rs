@@ -1,0 +1,30 @@
+//! Pure builders: a `ValidatedRelay` → the objects the operator applies. No
+//! API calls; each object carries the common labels and, once applied, an
+//! owner reference to the OutboxRelay.
+
+pub mod config;
+pub mod deployment;
+
+use std::collections::BTreeMap;
+
+use crate::validate::ValidatedRelay;
+
+/// Name of every child object of relay `r`.
+pub fn child_name(r: &ValidatedRelay) -> String {
+    format!("{}-relay", r.name)
+}
+
+/// Labels on every child object and on the relay pods.
+pub fn labels(r: &ValidatedRelay) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "outbox-relay".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), r.name.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "outbox-operator".to_string(),
+        ),
+    ])
+}

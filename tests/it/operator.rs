@@ -1,0 +1,40 @@
+//! The operator and the relay agree: what the operator renders from the
+//! samples is a config the relay accepts, with every secret from env.
+
+use outbox_operator::crd::OutboxRelay;
+use outbox_operator::resources::config::relay_toml;
+use outbox_operator::resources::deployment::env_name;
+use outbox_operator::validate::validate;
+
+use crate::support::root;
+
+fn sample(name: &str) -> OutboxRelay {
+    let text = std::fs::read_to_string(root().join("config/samples").join(name)).expect("sample");
+    let mut r: OutboxRelay =
+        serde_saphyr::from_str(&text).expect("sample parses as an OutboxRelay");
+    r.metadata.namespace = Some("shop".into());
+    r.metadata.uid = Some("0b7e6c1e-8f4f-4b8e-9a55-2d1b0c1f3a77".into());
+    r
+}
+
+#[test]
+fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
+    for name in ["outboxrelay-minimal.yaml", "outboxrelay-full.yaml"] {
+        let v = validate(&sample(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let toml = relay_toml(&v);
+        // The pod gets each secret as the env variable the Deployment sets.
+        let env: Vec<(String, String)> = v
+            .secrets
+            .iter()
+            .map(|(u, _)| (env_name(u), "from-a-secret".to_string()))
+            .filter(|(n, _)| !n.is_empty())
+            .collect();
+        let cfg = outbox_relay::config::Config::from_toml(&toml, std::path::Path::new(name), &env)
+            .unwrap_or_else(|e| {
+                panic!("{name}: the relay refuses the rendered config: {e}\n{toml}")
+            });
+        assert_eq!(cfg.server_id(), v.server_id);
+        assert_eq!(cfg.mysql.password.expose(), "from-a-secret");
+        assert_eq!(cfg.outboxes.len(), v.spec.mysql.outboxes.len());
+    }
+}
