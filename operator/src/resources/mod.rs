@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod deployment;
+pub mod rbac;
+pub mod service;
 
 use std::collections::BTreeMap;
 
