@@ -1,6 +1,7 @@
 //! outbox-operator: the `OutboxRelay` resource and (to come) the reconciler
 //! that turns it into leader-elected relay pods.
 
+pub mod controller;
 pub mod crd;
 pub mod resources;
 pub mod validate;

@@ -42,6 +42,18 @@ pub enum SecretUse {
     KafkaProperty(String),
 }
 
+/// The spec field that references the Secret key.
+impl std::fmt::Display for SecretUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretUse::MysqlPassword => f.write_str("spec.mysql.passwordSecret"),
+            SecretUse::MysqlCa => f.write_str("spec.mysql.tls.caSecret"),
+            SecretUse::RedisPassword => f.write_str("spec.redis.passwordSecret"),
+            SecretUse::KafkaProperty(p) => write!(f, "spec.kafka.secretProperties.{p}"),
+        }
+    }
+}
+
 pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
     let name = r
         .metadata

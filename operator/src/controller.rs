@@ -1,0 +1,544 @@
+//! The reconcile pipeline: fetch the referenced Secrets (I/O) → validate
+//! (pure) → build the children (pure) → apply them (server-side apply, one
+//! field manager, owner references) → status.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::crd::OutboxRelay;
+use crate::resources::config::{build_configmap, CONFIG_FILE};
+use crate::resources::deployment::{build_deployment, config_hash};
+use crate::resources::rbac::{build_role, build_role_binding, build_service_account};
+use crate::resources::service::{build_pdb, build_service};
+use crate::validate::validate;
+
+/// The one field manager of everything the operator writes.
+pub const MANAGER: &str = "outbox-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server failed or was unreachable: retried with backoff.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the OutboxRelay has no uid or name yet")]
+    NoOwner,
+}
+
+pub struct Context {
+    pub client: Client,
+    /// Relay image when the spec does not name one.
+    pub relay_image: String,
+    pub recorder: Recorder,
+}
+
+/// One condition as the operator computes it.
+struct Cond {
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let relays: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
+
+    let v = match validate(&obj) {
+        Ok(v) => v,
+        Err(e) => {
+            // A bad spec waits for the user: no retry loop, no crash.
+            let message = e.to_string();
+            publish(&ctx, &obj, EventType::Warning, "InvalidSpec", &message).await;
+            let conds = [
+                Cond {
+                    type_: "Ready",
+                    status: false,
+                    reason: "InvalidSpec",
+                    message: message.clone(),
+                },
+                Cond {
+                    type_: "Degraded",
+                    status: true,
+                    reason: "InvalidSpec",
+                    message,
+                },
+            ];
+            patch_status(&relays, &obj, &conds).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Fetch: every referenced Secret key must exist; their versions roll the pods.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut versions = BTreeMap::new();
+    for (use_, r) in &v.secrets {
+        let missing = match secrets.get_opt(&r.name).await? {
+            None => Some(format!("Secret {ns}/{} ({use_}) does not exist", r.name)),
+            Some(s) if !has_key(&s, &r.key) => Some(format!(
+                "Secret {ns}/{} has no key `{}` ({use_})",
+                r.name, r.key
+            )),
+            Some(s) => {
+                versions.insert(r.name.clone(), s.resource_version().unwrap_or_default());
+                None
+            }
+        };
+        if let Some(message) = missing {
+            publish(&ctx, &obj, EventType::Warning, "MissingSecret", &message).await;
+            let conds = [
+                Cond {
+                    type_: "Ready",
+                    status: false,
+                    reason: "MissingSecret",
+                    message: message.clone(),
+                },
+                Cond {
+                    type_: "Degraded",
+                    status: true,
+                    reason: "MissingSecret",
+                    message,
+                },
+            ];
+            patch_status(&relays, &obj, &conds).await?;
+            // The Secret watch brings us back when it appears; poll too.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    }
+
+    // Build (pure), then apply.
+    let owner = obj.controller_owner_ref(&()).ok_or(Error::NoOwner)?;
+    let cm = build_configmap(&v);
+    let config = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_FILE))
+        .cloned()
+        .unwrap_or_default();
+    let image = v
+        .spec
+        .image
+        .clone()
+        .unwrap_or_else(|| ctx.relay_image.clone());
+    let c = &ctx.client;
+    apply(c, &ns, build_service_account(&v), &owner).await?;
+    apply(c, &ns, build_role(&v), &owner).await?;
+    apply(c, &ns, build_role_binding(&v), &owner).await?;
+    apply(c, &ns, cm, &owner).await?;
+    let deployment = apply(
+        c,
+        &ns,
+        build_deployment(&v, &image, &config_hash(&config, &versions)),
+        &owner,
+    )
+    .await?;
+    apply(c, &ns, build_service(&v), &owner).await?;
+    apply(c, &ns, build_pdb(&v), &owner).await?;
+
+    patch_status(
+        &relays,
+        &obj,
+        &rollout_conditions(&deployment, v.spec.replicas),
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// API errors: retry with a short backoff.
+pub fn error_policy(_obj: Arc<OutboxRelay>, _err: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn has_key(s: &Secret, key: &str) -> bool {
+    s.data.as_ref().is_some_and(|d| d.contains_key(key))
+        || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
+}
+
+/// Ready / Progressing / Degraded from the applied Deployment's status.
+fn rollout_conditions(d: &Deployment, desired: i32) -> [Cond; 3] {
+    let st = d.status.clone().unwrap_or_default();
+    let available = st.available_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let current =
+        st.observed_generation.is_some() && st.observed_generation == d.metadata.generation;
+    let rolled = current && updated >= desired;
+    [
+        Cond {
+            type_: "Ready",
+            status: available >= 1,
+            reason: if available >= 1 {
+                "RelayAvailable"
+            } else {
+                "NoRelayAvailable"
+            },
+            message: format!("{available} of {desired} relay pods available"),
+        },
+        Cond {
+            type_: "Progressing",
+            status: !rolled,
+            reason: if rolled {
+                "RolloutComplete"
+            } else {
+                "RollingOut"
+            },
+            message: format!("{updated} of {desired} relay pods updated"),
+        },
+        Cond {
+            type_: "Degraded",
+            status: false,
+            reason: "Reconciled",
+            message: "children applied".into(),
+        },
+    ]
+}
+
+async fn apply<K>(client: &Client, ns: &str, mut obj: K, owner: &OwnerReference) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    obj.meta_mut().owner_references = Some(vec![owner.clone()]);
+    let name = obj.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await?)
+}
+
+/// Server-side apply of the operator's status fields; a condition keeps its
+/// transition time while its status does not change.
+async fn patch_status(
+    api: &Api<OutboxRelay>,
+    obj: &OutboxRelay,
+    conds: &[Cond],
+) -> Result<(), Error> {
+    let old = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let now = Time(Timestamp::now());
+    let conditions: Vec<Condition> = conds
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let since = old
+                .iter()
+                .find(|o| o.type_ == c.type_ && o.status == status)
+                .map_or_else(|| now.clone(), |o| o.last_transition_time.clone());
+            Condition {
+                type_: c.type_.into(),
+                status: status.into(),
+                reason: c.reason.into(),
+                message: c.message.clone(),
+                last_transition_time: since,
+                observed_generation: obj.metadata.generation,
+            }
+        })
+        .collect();
+    let patch = serde_json::json!({
+        "apiVersion": "outboxrelay.dev/v1alpha1",
+        "kind": "OutboxRelay",
+        "status": {
+            "observedGeneration": obj.metadata.generation,
+            "conditions": conditions,
+        }
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a Kubernetes Event; failing to record one never fails a reconcile.
+async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &str, note: &str) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot record an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reconciles against an in-process fake API server (tower-test): it
+    //! answers Secret reads from a fixture, echoes applies, and records every
+    //! request so the tests assert on what the operator wrote.
+
+    use std::sync::Mutex;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use kube::runtime::events::Reporter;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::validate::tests::{fixture, FULL};
+
+    type Requests = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+    fn secret(name: &str, keys: &[&str]) -> Value {
+        let data: serde_json::Map<String, Value> = keys
+            .iter()
+            .map(|k| (k.to_string(), json!("c2VjcmV0")))
+            .collect();
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": name, "namespace": "shop", "resourceVersion": "7"},
+               "data": data})
+    }
+
+    fn all_secrets() -> BTreeMap<String, Value> {
+        [
+            ("mysql-relay", vec!["password"]),
+            ("mysql-ca", vec!["ca.pem"]),
+            ("redis", vec!["password"]),
+            ("kafka-user", vec!["username", "password"]),
+        ]
+        .into_iter()
+        .map(|(n, k)| (n.to_string(), secret(n, &k)))
+        .collect()
+    }
+
+    /// Runs the fake API server; returns the context and the request log.
+    /// A status patch is answered with `relay` and the patched status, as the
+    /// real API server answers with the whole object.
+    fn fake(secrets: BTreeMap<String, Value>, relay: &OutboxRelay) -> (Arc<Context>, Requests) {
+        let relay = serde_json::to_value(relay).expect("relay json");
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let log: Requests = Arc::default();
+        let seen = log.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let uri = req.uri().to_string();
+                let body = req.into_body().collect_bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                seen.lock()
+                    .expect("log")
+                    .push((method.clone(), uri.clone(), body.clone()));
+                let path = uri.split('?').next().unwrap_or_default().to_string();
+                let (code, reply) = if method == "GET" && path.contains("/secrets/") {
+                    let name = path.rsplit('/').next().unwrap_or_default();
+                    match secrets.get(name) {
+                        Some(s) => (StatusCode::OK, s.clone()),
+                        None => (
+                            StatusCode::NOT_FOUND,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "NotFound", "code": 404,
+                                   "message": format!("secrets \"{name}\" not found")}),
+                        ),
+                    }
+                } else if path.ends_with("/status") {
+                    let mut whole = relay.clone();
+                    whole["status"] = body["status"].clone();
+                    (StatusCode::OK, whole)
+                } else {
+                    // Applies and creates: the object as written.
+                    let mut echo = body.clone();
+                    echo["metadata"]["resourceVersion"] = json!("1");
+                    if echo["metadata"]["name"].is_null() {
+                        echo["metadata"]["name"] = json!("orders");
+                    }
+                    (StatusCode::OK, echo)
+                };
+                let resp = Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()))
+                    .expect("response");
+                send.send_response(resp);
+            }
+        });
+        let client = Client::new(service, "default");
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: None,
+            },
+        );
+        let ctx = Context {
+            client,
+            relay_image: "outbox-relay:test".into(),
+            recorder,
+        };
+        (Arc::new(ctx), log)
+    }
+
+    fn relay(yaml: &str) -> Arc<OutboxRelay> {
+        Arc::new(fixture(yaml))
+    }
+
+    fn patches(log: &Requests) -> Vec<(String, Value)> {
+        log.lock()
+            .expect("log")
+            .iter()
+            .filter(|(m, _, _)| m == "PATCH")
+            .map(|(_, u, b)| (u.clone(), b.clone()))
+            .collect()
+    }
+
+    fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+        status_patch["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+            .unwrap_or(&Value::Null)
+    }
+
+    #[tokio::test]
+    async fn create_applies_every_child_with_owner_and_field_manager() {
+        let r = relay(FULL);
+        let (ctx, log) = fake(all_secrets(), &r);
+        let action = reconcile(r, ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+        let p = patches(&log);
+        let kinds: Vec<String> = p
+            .iter()
+            .filter(|(u, _)| !u.contains("/status"))
+            .map(|(_, b)| b["kind"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "Role",
+                "RoleBinding",
+                "ConfigMap",
+                "Deployment",
+                "Service",
+                "PodDisruptionBudget"
+            ]
+        );
+        for (uri, body) in &p {
+            assert!(
+                uri.contains("fieldManager=outbox-operator") && uri.contains("force=true"),
+                "{uri}"
+            );
+            if !uri.contains("/status") {
+                let owner = &body["metadata"]["ownerReferences"][0];
+                assert_eq!(
+                    (owner["kind"].as_str(), owner["name"].as_str()),
+                    (Some("OutboxRelay"), Some("orders"))
+                );
+                assert_eq!(owner["controller"], json!(true));
+                assert!(
+                    uri.starts_with("/api") && uri.contains("/namespaces/shop/"),
+                    "{uri}"
+                );
+            }
+        }
+        let status = &p.last().expect("status patch").1;
+        assert_eq!(status["status"]["observedGeneration"], json!(3));
+        assert_eq!(condition(status, "Degraded")["status"], "False");
+        // No pod is available in a fake cluster: not Ready, still rolling out.
+        assert_eq!(condition(status, "Ready")["reason"], "NoRelayAvailable");
+        assert_eq!(condition(status, "Progressing")["status"], "True");
+    }
+
+    #[tokio::test]
+    async fn spec_change_updates_the_deployment_and_secret_versions_roll_it() {
+        let (ctx, log) = fake(all_secrets(), &relay(FULL));
+        reconcile(relay(FULL), ctx.clone()).await.expect("first");
+        reconcile(relay(&FULL.replace("replicas: 3", "replicas: 4")), ctx)
+            .await
+            .expect("second");
+        let deployments: Vec<Value> = patches(&log)
+            .into_iter()
+            .filter(|(_, b)| b["kind"] == "Deployment")
+            .map(|(_, b)| b)
+            .collect();
+        assert_eq!(deployments.len(), 2);
+        assert_eq!(deployments[0]["spec"]["replicas"], json!(3));
+        assert_eq!(deployments[1]["spec"]["replicas"], json!(4));
+
+        let mut rotated = all_secrets();
+        rotated.get_mut("mysql-relay").expect("secret")["metadata"]["resourceVersion"] = json!("8");
+        let (ctx2, log2) = fake(rotated, &relay(FULL));
+        reconcile(relay(FULL), ctx2).await.expect("after rotation");
+        let hash = |log: &Requests| {
+            patches(log)
+                .into_iter()
+                .find(|(_, b)| b["kind"] == "Deployment")
+                .map(|(_, b)| {
+                    b["spec"]["template"]["metadata"]["annotations"]["outboxrelay.dev/config-hash"]
+                        .clone()
+                })
+        };
+        assert_ne!(
+            hash(&log),
+            hash(&log2),
+            "a changed Secret must roll the pods"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_secret_degrades_without_applying_anything() {
+        let mut secrets = all_secrets();
+        secrets.remove("kafka-user");
+        let (ctx, log) = fake(secrets, &relay(FULL));
+        let action = reconcile(relay(FULL), ctx).await.expect("no crash");
+        assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        let p = patches(&log);
+        assert_eq!(p.len(), 1, "only the status: {p:?}");
+        let degraded = condition(&p[0].1, "Degraded");
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "MissingSecret");
+        let msg = degraded["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("shop/kafka-user") && msg.contains("spec.kafka.secretProperties"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_sets_ready_false_records_an_event_and_waits() {
+        let bad = FULL.replace("  deadLetterTopic: outbox.dlq\n", "");
+        let (ctx, log) = fake(all_secrets(), &relay(&bad));
+        let action = reconcile(relay(&bad), ctx).await.expect("no crash");
+        assert_eq!(action, Action::await_change());
+        let requests = log.lock().expect("log").clone();
+        let event = requests
+            .iter()
+            .find(|(m, u, _)| m == "POST" && u.contains("/events"))
+            .expect("an Event");
+        assert_eq!(event.2["reason"], "InvalidSpec");
+        let p = patches(&log);
+        assert_eq!(p.len(), 1, "only the status: {p:?}");
+        let ready = condition(&p[0].1, "Ready");
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("InvalidSpec"))
+        );
+        assert!(ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.kafka.deadLetterTopic"));
+    }
+}
