@@ -7,14 +7,21 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -36,6 +43,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the OutboxRelay has no uid or name yet")]
     NoOwner,
+    #[error("waiting for the CRD: {0}")]
+    Wait(String),
 }
 
 pub struct Context {
@@ -287,6 +296,105 @@ async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &st
     }
 }
 
+/// Watches OutboxRelays (in `namespace`, or all) and their children and
+/// referenced Secrets, until SIGTERM/SIGINT. Waits for the CRD to be
+/// established instead of crash-looping.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    relay_image: String,
+) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd_name = "outboxrelays.outboxrelay.dev";
+    tracing::info!(crd = crd_name, "waiting for the CRD to be established");
+    await_condition(crds, crd_name, conditions::is_crd_established())
+        .await
+        .map_err(|e| Error::Wait(e.to_string()))?;
+
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let children =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=outbox-operator");
+    let controller = Controller::new(
+        api::<OutboxRelay>(&client, &namespace),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        relay_image,
+        recorder,
+    });
+    controller
+        .owns(api::<Deployment>(&client, &namespace), children.clone())
+        .owns(api::<ConfigMap>(&client, &namespace), children.clone())
+        .owns(api::<ServiceAccount>(&client, &namespace), children.clone())
+        .owns(api::<Role>(&client, &namespace), children.clone())
+        .owns(api::<RoleBinding>(&client, &namespace), children.clone())
+        .owns(api::<Service>(&client, &namespace), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &namespace), children)
+        // A created, changed or deleted Secret reconciles the relays that
+        // reference it by name (it rolls their pods through the config hash).
+        .watches(
+            api::<Secret>(&client, &namespace),
+            watcher::Config::default(),
+            move |secret| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|r| r.namespace() == ns && references(r, &name))
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(relay = %obj, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// Does the relay reference Secret `name`?
+fn references(r: &OutboxRelay, name: &str) -> bool {
+    let s = &r.spec;
+    s.mysql.password_secret.name == name
+        || s.mysql
+            .tls
+            .as_ref()
+            .and_then(|t| t.ca_secret.as_ref())
+            .is_some_and(|c| c.name == name)
+        || s.redis
+            .password_secret
+            .as_ref()
+            .is_some_and(|p| p.name == name)
+        || s.kafka
+            .secret_properties
+            .iter()
+            .flatten()
+            .any(|(_, r)| r.name == name)
+}
+
 #[cfg(test)]
 mod tests {
     //! Reconciles against an in-process fake API server (tower-test): it
@@ -297,7 +405,6 @@ mod tests {
 
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
-    use kube::runtime::events::Reporter;
     use serde_json::{json, Value};
 
     use super::*;
@@ -410,6 +517,15 @@ mod tests {
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
             .unwrap_or(&Value::Null)
+    }
+
+    #[test]
+    fn secrets_are_matched_to_relays_by_name() {
+        let r = fixture(FULL);
+        for name in ["mysql-relay", "mysql-ca", "redis", "kafka-user"] {
+            assert!(references(&r, name), "{name}");
+        }
+        assert!(!references(&r, "unrelated"));
     }
 
     #[tokio::test]
