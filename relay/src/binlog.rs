@@ -497,8 +497,10 @@ pub struct Source {
     /// Rows of the interrupted transaction already emitted before a reconnect:
     /// skipped when it is read again, so a reconnect adds no duplicates.
     replay_skip: usize,
-    /// Commits of transactions without outbox rows are reported at most this often.
+    /// Commits of transactions without outbox rows are reported at most this
+    /// often; one held back is reported at the next heartbeat.
     last_idle_commit: Instant,
+    unreported_commit: bool,
 }
 
 const IDLE_COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -529,6 +531,7 @@ impl Source {
             out: VecDeque::new(),
             replay_skip: 0,
             last_idle_commit: Instant::now(),
+            unreported_commit: false,
         })
     }
 
@@ -735,7 +738,16 @@ impl Source {
             }
             EventData::RowsEvent(rows) => self.handle_rows(rows, log_pos)?,
             EventData::XidEvent(_) => self.commit(log_pos, header.timestamp()),
-            EventData::HeartbeatEvent => {}
+            // The server is idle: report a commit held back by coalescing, so
+            // the checkpoint reaches the head.
+            EventData::HeartbeatEvent if self.unreported_commit => {
+                self.unreported_commit = false;
+                self.last_idle_commit = Instant::now();
+                self.out.push_back(SourceEvent::Commit {
+                    position: self.committed.clone(),
+                    rows: 0,
+                });
+            }
             EventData::TransactionPayloadEvent(_) => {
                 // MySQL compressed transaction: the stream yields its events next.
             }
@@ -961,10 +973,13 @@ impl Source {
         };
         if txn.rows > 0 || self.last_idle_commit.elapsed() >= IDLE_COMMIT_EVERY {
             self.last_idle_commit = Instant::now();
+            self.unreported_commit = false;
             self.out.push_back(SourceEvent::Commit {
                 position: self.committed.clone(),
                 rows: txn.rows,
             });
+        } else {
+            self.unreported_commit = true;
         }
     }
 }

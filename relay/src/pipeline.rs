@@ -397,9 +397,9 @@ async fn ack_loop(
     }
     if dirty {
         write(&store, epoch, acked.as_ref(), &metrics, &shutdown, true).await?;
-        if let Some(p) = &acked {
-            info!(position = %p.short(), file = %p.file, "final checkpoint written");
-        }
+    }
+    if let Some(p) = &acked {
+        info!(position = %p.short(), file = %p.file, "final checkpoint stored");
     }
     Ok(())
 }
