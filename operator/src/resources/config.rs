@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::ObjectMeta;
 use serde::Serialize;
 
 use crate::crd::{BadRowPolicy, TlsMode};
-use crate::resources::{child_name, labels};
+use crate::resources::child_meta;
 use crate::validate::{SecretUse, ValidatedRelay};
 
 /// Where the ConfigMap is mounted in the relay container.
@@ -174,12 +173,7 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
 
 pub fn build_configmap(r: &ValidatedRelay) -> ConfigMap {
     ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(child_name(r)),
-            namespace: Some(r.namespace.clone()),
-            labels: Some(labels(r)),
-            ..ObjectMeta::default()
-        },
+        metadata: child_meta(r),
         data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), relay_toml(r))])),
         ..ConfigMap::default()
     }

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 
 use crate::resources::config::{CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR};
-use crate::resources::{child_name, labels};
+use crate::resources::{child_meta, child_name, labels};
 use crate::validate::{SecretUse, ValidatedRelay};
 
 /// Annotation whose change rolls the relay pods.
@@ -115,12 +115,7 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
     };
 
     Deployment {
-        metadata: ObjectMeta {
-            name: Some(child_name(r)),
-            namespace: Some(r.namespace.clone()),
-            labels: Some(labels.clone()),
-            ..ObjectMeta::default()
-        },
+        metadata: child_meta(r),
         spec: Some(DeploymentSpec {
             replicas: Some(s.replicas),
             selector: LabelSelector {

@@ -9,6 +9,8 @@ pub mod service;
 
 use std::collections::BTreeMap;
 
+use kube::api::ObjectMeta;
+
 use crate::validate::ValidatedRelay;
 
 /// Name of every child object of relay `r`.
@@ -29,4 +31,14 @@ pub fn labels(r: &ValidatedRelay) -> BTreeMap<String, String> {
             "outbox-operator".to_string(),
         ),
     ])
+}
+
+/// Name, namespace and labels of a child object.
+pub fn child_meta(r: &ValidatedRelay) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(child_name(r)),
+        namespace: Some(r.namespace.clone()),
+        labels: Some(labels(r)),
+        ..ObjectMeta::default()
+    }
 }

@@ -3,19 +3,9 @@
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kube::api::ObjectMeta;
 
-use crate::resources::{child_name, labels};
+use crate::resources::{child_meta, child_name};
 use crate::validate::ValidatedRelay;
-
-fn meta(r: &ValidatedRelay) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(child_name(r)),
-        namespace: Some(r.namespace.clone()),
-        labels: Some(labels(r)),
-        ..ObjectMeta::default()
-    }
-}
 
 /// Name of the relay's leader-election Lease.
 pub fn lease_name(r: &ValidatedRelay) -> String {
@@ -24,7 +14,7 @@ pub fn lease_name(r: &ValidatedRelay) -> String {
 
 pub fn build_service_account(r: &ValidatedRelay) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(r),
+        metadata: child_meta(r),
         automount_service_account_token: Some(true),
         ..ServiceAccount::default()
     }
@@ -39,7 +29,7 @@ pub fn build_role(r: &ValidatedRelay) -> Role {
         ..PolicyRule::default()
     };
     Role {
-        metadata: meta(r),
+        metadata: child_meta(r),
         rules: Some(vec![
             rule(
                 "coordination.k8s.io",
@@ -59,7 +49,7 @@ pub fn build_role(r: &ValidatedRelay) -> Role {
 
 pub fn build_role_binding(r: &ValidatedRelay) -> RoleBinding {
     RoleBinding {
-        metadata: meta(r),
+        metadata: child_meta(r),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "Role".into(),

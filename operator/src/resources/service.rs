@@ -4,25 +4,15 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::ObjectMeta;
 
 use crate::resources::config::HTTP_PORT;
-use crate::resources::{child_name, labels};
+use crate::resources::{child_meta, labels};
 use crate::validate::ValidatedRelay;
-
-fn meta(r: &ValidatedRelay) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(child_name(r)),
-        namespace: Some(r.namespace.clone()),
-        labels: Some(labels(r)),
-        ..ObjectMeta::default()
-    }
-}
 
 /// `<name>-relay:8080` in front of every relay pod (metrics are per pod).
 pub fn build_service(r: &ValidatedRelay) -> Service {
     Service {
-        metadata: meta(r),
+        metadata: child_meta(r),
         spec: Some(ServiceSpec {
             selector: Some(labels(r)),
             ports: Some(vec![ServicePort {
@@ -41,7 +31,7 @@ pub fn build_service(r: &ValidatedRelay) -> Service {
 /// the leader and its standby together.
 pub fn build_pdb(r: &ValidatedRelay) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: meta(r),
+        metadata: child_meta(r),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
