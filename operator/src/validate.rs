@@ -134,8 +134,7 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
         ));
     }
     for k in s.kafka.properties.iter().flat_map(BTreeMap::keys) {
-        let lower = k.to_ascii_lowercase();
-        if lower.contains("password") || lower.contains("secret") {
+        if is_secret_property(k) {
             return Err(err(
                 format!("kafka.properties.{k}"),
                 "looks secret: put it in kafka.secretProperties with a Secret reference",
@@ -161,6 +160,17 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
         spec: s.clone(),
         secrets,
     })
+}
+
+/// librdkafka properties that carry secrets: they must come from a Secret,
+/// never through the ConfigMap. The same rule as the relay's
+/// `config::is_secret_property` (a cross-crate test keeps them equal).
+pub fn is_secret_property(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k == "ssl.key.pem"
+        || k == "sasl.oauthbearer.config"
 }
 
 fn checked_ref(field: &str, r: &SecretKeyRef) -> Result<SecretKeyRef, ValidationError> {
@@ -279,6 +289,10 @@ heartbeatInterval: 5s
             (
                 FULL.replace("sasl.mechanism: SCRAM-SHA-512", "sasl.password: hunter2"),
                 "spec.kafka.properties.sasl.password: looks secret",
+            ),
+            (
+                FULL.replace("sasl.mechanism: SCRAM-SHA-512", "ssl.key.pem: hunter2"),
+                "spec.kafka.properties.ssl.key.pem: looks secret",
             ),
             (
                 FULL.replace(

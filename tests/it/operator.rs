@@ -38,3 +38,25 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
         assert_eq!(cfg.outboxes.len(), v.spec.mysql.outboxes.len());
     }
 }
+
+#[test]
+fn operator_and_relay_agree_on_which_kafka_properties_are_secret() {
+    for k in [
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "SSL.KEY.PEM",
+        "sasl.oauthbearer.config",
+        "sasl.oauthbearer.client.secret",
+        "sasl.username",
+        "security.protocol",
+        "ssl.ca.location",
+        "compression.type",
+    ] {
+        assert_eq!(
+            outbox_operator::validate::is_secret_property(k),
+            outbox_relay::config::is_secret_property(k),
+            "{k}"
+        );
+    }
+}
