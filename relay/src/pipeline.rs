@@ -103,13 +103,12 @@ pub async fn run(
     let info = binlog::preflight(&mut conn, &cfg).await?;
     info!(server = %info.version, gtid = info.gtid, "preflight passed");
 
-    let store = retry_checkpoint("connect to Redis", &shutdown, || {
+    let store = retry("connect to Redis", &shutdown, || {
         CheckpointStore::connect(&cfg.redis, &cfg.name)
     })
     .await?;
     let Some(store) = store else { return Ok(()) };
-    let Some(stored) = retry_checkpoint("load the checkpoint", &shutdown, || store.load()).await?
-    else {
+    let Some(stored) = retry("load the checkpoint", &shutdown, || store.load()).await? else {
         return Ok(());
     };
     // Claim the term: from now on an older writer is refused.
@@ -476,48 +475,40 @@ async fn write(
     }
 }
 
-/// Retries a transient MySQL step with backoff until it works, a definite
-/// error comes, or shutdown (→ None).
-async fn retry<T, F, Fut>(
+/// Errors that say whether retrying may help.
+trait Transient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for SourceError {
+    fn is_transient(&self) -> bool {
+        SourceError::is_transient(self)
+    }
+}
+
+impl Transient for CheckpointError {
+    fn is_transient(&self) -> bool {
+        matches!(self, CheckpointError::Unavailable(_))
+    }
+}
+
+/// Retries a start-up step with backoff while its error is transient, until
+/// it works, a definite error comes, or shutdown (→ None).
+async fn retry<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut f: F,
-) -> Result<Option<T>, SourceError>
+) -> Result<Option<T>, E>
 where
+    E: Transient,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, SourceError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Duration::from_millis(200);
     loop {
         match f().await {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_transient() => {
-                warn!(error = %e, retry_in = ?backoff, "cannot {what}; retrying");
-            }
-            Err(e) => return Err(e),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    }
-}
-
-async fn retry_checkpoint<T, F, Fut>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut f: F,
-) -> Result<Option<T>, CheckpointError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, CheckpointError>>,
-{
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(Some(v)),
-            Err(CheckpointError::Unavailable(e)) => {
                 warn!(error = %e, retry_in = ?backoff, "cannot {what}; retrying");
             }
             Err(e) => return Err(e),
