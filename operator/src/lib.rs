@@ -8,6 +8,17 @@ pub mod validate;
 
 use kube::CustomResourceExt;
 
+/// FNV-1a over the bytes of `parts`, in order: stable across processes and
+/// versions (unlike `std`'s hasher), for derived ids and change hashes.
+pub(crate) fn fnv1a<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    parts
+        .into_iter()
+        .flatten()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
 /// The CustomResourceDefinition of `OutboxRelay` as YAML, as checked in at
 /// `crds/outboxrelays.yaml`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {

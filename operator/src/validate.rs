@@ -186,9 +186,7 @@ fn checked_ref(field: &str, r: &SecretKeyRef) -> Result<SecretKeyRef, Validation
 /// A stable replica server id from the resource's uid, in
 /// 1_000_000..u32::MAX (away from the small ids people give servers).
 pub fn server_id_from_uid(uid: &str) -> u32 {
-    let h = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    });
+    let h = crate::fnv1a([uid.as_bytes()]);
     1_000_000 + (h % (u32::MAX as u64 - 1_000_000)) as u32
 }
 

@@ -190,18 +190,10 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
 
 /// Hash of the relay config and the referenced Secrets' resource versions.
 pub fn config_hash(config: &str, secret_versions: &BTreeMap<String, String>) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut feed = |b: &[u8]| {
-        for x in b {
-            h = (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    feed(config.as_bytes());
-    for (k, v) in secret_versions {
-        feed(k.as_bytes());
-        feed(b"=");
-        feed(v.as_bytes());
-    }
+    let secrets = secret_versions
+        .iter()
+        .flat_map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()]);
+    let h = crate::fnv1a(std::iter::once(config.as_bytes()).chain(secrets));
     format!("{h:016x}")
 }
 
