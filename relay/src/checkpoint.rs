@@ -7,6 +7,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
 use crate::config::RedisConfig;
+use crate::keys::checkpoint_key;
 use crate::position::Position;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +108,11 @@ impl CheckpointStore {
         &self.key
     }
 
+    /// The shared connection (the Redis leader lock uses it too).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     pub async fn load(&self) -> Result<Stored, CheckpointError> {
         let mut c = self.conn.clone();
         let (epoch, pos, updated): (Option<u64>, Option<String>, Option<u64>) = redis::cmd("HMGET")
@@ -188,9 +194,4 @@ impl CheckpointStore {
         let _: i64 = c.del(&self.key).await.map_err(unavailable)?;
         Ok(())
     }
-}
-
-/// `<prefix><relay>:checkpoint`
-pub fn checkpoint_key(prefix: &str, relay: &str) -> String {
-    format!("{prefix}{relay}:checkpoint")
 }

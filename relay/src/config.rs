@@ -64,8 +64,9 @@ pub struct Config {
     /// Name of this relay: keys the checkpoint in Redis and seeds the default
     /// binlog server id. Relays reading the same outbox must share it.
     pub name: String,
-    /// Leadership epoch used to fence checkpoint writes when `election` is
-    /// `none` (a single process). Raise it to take over from a stuck writer.
+    /// Leadership epoch used to fence checkpoint writes when `election.mode`
+    /// is `none` (a single process). Raise it to take over from a stuck
+    /// writer. Elected relays get theirs from the election.
     #[serde(default = "one")]
     pub epoch: u64,
     /// Where to start when no checkpoint is stored.
@@ -76,6 +77,8 @@ pub struct Config {
     pub outboxes: Vec<OutboxConfig>,
     pub kafka: KafkaConfig,
     pub redis: RedisConfig,
+    #[serde(default)]
+    pub election: ElectionConfig,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
@@ -258,10 +261,85 @@ pub struct RedisConfig {
 }
 
 fn default_key_prefix() -> String {
-    "outbox-relay:".into()
+    crate::keys::DEFAULT_KEY_PREFIX.into()
 }
 fn default_checkpoint_interval() -> Duration {
     Duration::from_millis(500)
+}
+
+/// How the relays sharing a `name` pick the one that streams.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ElectionMode {
+    /// A single process: it always leads, with the configured `epoch`.
+    #[default]
+    None,
+    /// A key in the checkpoint's Redis (`SET NX PX`): HA outside Kubernetes.
+    Redis,
+    /// A `coordination.k8s.io/v1` Lease (what the operator configures).
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElectionConfig {
+    #[serde(default)]
+    pub mode: ElectionMode,
+    /// A candidate takes over when the lease has not been renewed for this long.
+    #[serde(default = "default_lease_duration", with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// The leader stops streaming when it could not renew for this long.
+    #[serde(default = "default_renew_deadline", with = "humantime_serde")]
+    pub renew_deadline: Duration,
+    /// How often the leader renews and a standby tries to acquire.
+    #[serde(default = "default_retry_period", with = "humantime_serde")]
+    pub retry_period: Duration,
+    /// Kubernetes: the Lease's name (default `<name>-relay-leader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_name: Option<String>,
+    /// Kubernetes: the Lease's namespace (default: `POD_NAMESPACE`, else the
+    /// client's default namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// This process's name in the lock (default: `POD_NAME` or the host
+    /// name); a per-process suffix is always added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+impl Default for ElectionConfig {
+    fn default() -> Self {
+        let t = crate::election::Timing::default();
+        ElectionConfig {
+            mode: ElectionMode::None,
+            lease_duration: t.lease_duration,
+            renew_deadline: t.renew_deadline,
+            retry_period: t.retry_period,
+            lease_name: None,
+            namespace: None,
+            identity: None,
+        }
+    }
+}
+
+impl ElectionConfig {
+    pub fn timing(&self) -> crate::election::Timing {
+        crate::election::Timing {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+        }
+    }
+}
+
+fn default_lease_duration() -> Duration {
+    crate::election::Timing::default().lease_duration
+}
+fn default_renew_deadline() -> Duration {
+    crate::election::Timing::default().renew_deadline
+}
+fn default_retry_period() -> Duration {
+    crate::election::Timing::default().retry_period
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -510,6 +588,18 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        self.election
+            .timing()
+            .check()
+            .map_err(|(field, m)| invalid(format!("election.{field}"), m))?;
+        if self.election.mode == ElectionMode::Kubernetes
+            && self.election.lease_duration < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "election.lease_duration",
+                "must be at least 1s with mode = \"kubernetes\" (a Lease counts whole seconds)",
+            ));
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "http.listen",
@@ -609,6 +699,31 @@ url = "redis://127.0.0.1:6379/0"
         // Stable default server id, not the server's own small ids.
         assert_eq!(c.server_id(), parse(MINIMAL).unwrap().server_id());
         assert!(c.server_id() >= 1_000_000);
+    }
+
+    #[test]
+    fn election_defaults_and_bad_timing_name_the_field() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.election.mode, ElectionMode::None);
+        assert_eq!(c.election.timing(), crate::election::Timing::default());
+        let c = parse(&format!("{MINIMAL}[election]\nmode = \"redis\"\n")).unwrap();
+        assert_eq!(c.election.mode, ElectionMode::Redis);
+        let e = parse(&format!(
+            "{MINIMAL}[election]\nmode = \"redis\"\nrenew_deadline = \"5s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`election.lease_duration`"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}[election]\nmode = \"kubernetes\"\nlease_duration = \"900ms\"\nrenew_deadline = \"600ms\"\nretry_period = \"100ms\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("whole seconds"), "{e}");
+        let e = parse(&format!("{MINIMAL}[election]\nmode = \"zookeeper\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zookeeper"), "{e}");
     }
 
     #[test]

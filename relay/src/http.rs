@@ -53,10 +53,14 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Ready once streaming: binlog open, producer up, checkpoint store reachable at start.
+/// 200 `streaming` for the leader once its binlog stream is open; 200
+/// `standby` for a warm standby (preflight passed, Redis reachable), so
+/// probes never restart it; 503 while starting or stopping.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "streaming\n")
+    } else if s.health.standby.load(Ordering::Relaxed) {
+        (StatusCode::OK, "standby\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not streaming\n")
     }

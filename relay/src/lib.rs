@@ -1,13 +1,27 @@
 //! outbox-relay: streams committed rows of MySQL outbox tables from the
 //! binlog to Kafka, in commit order per key, with its position in Redis.
+//!
+//! Without the default `relay` feature only [`election`], [`keys`] and [`position`]
+//! are built: the operator uses them without linking the relay's clients.
 
+#[cfg(feature = "relay")]
 pub mod binlog;
+#[cfg(feature = "relay")]
 pub mod checkpoint;
+#[cfg(feature = "relay")]
 pub mod config;
+pub mod election;
+#[cfg(feature = "relay")]
 pub mod http;
+#[cfg(feature = "relay")]
 pub mod kafka;
+pub mod keys;
+#[cfg(feature = "relay")]
 pub mod metrics;
+#[cfg(feature = "relay")]
 pub mod outbox;
+#[cfg(feature = "relay")]
 pub mod pipeline;
 pub mod position;
+#[cfg(feature = "relay")]
 pub mod telemetry;

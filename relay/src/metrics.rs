@@ -37,6 +37,12 @@ pub struct Metrics {
     /// now − commit time of the last relayed transaction while behind; 0 when caught up.
     pub lag_seconds: Gauge<f64, AtomicU64>,
     pub epoch: Gauge,
+    /// 1 while this process leads (streams), 0 as a standby.
+    pub is_leader: Gauge,
+    /// Terms this process won.
+    pub leadership_changes: Counter,
+    /// Seconds from winning the term to streaming (resume, preflight, producer).
+    pub takeover_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -63,6 +69,9 @@ impl Metrics {
             checkpoint_offset: Gauge::default(),
             lag_seconds: Gauge::default(),
             epoch: Gauge::default(),
+            is_leader: Gauge::default(),
+            leadership_changes: Counter::default(),
+            takeover_seconds: Gauge::default(),
         };
         r.register("events", "Records acknowledged by Kafka", m.events.clone());
         r.register(
@@ -117,6 +126,21 @@ impl Metrics {
             m.lag_seconds.clone(),
         );
         r.register("epoch", "Leadership epoch of this relay", m.epoch.clone());
+        r.register(
+            "is_leader",
+            "1 while this process leads, 0 as a standby",
+            m.is_leader.clone(),
+        );
+        r.register(
+            "leadership_changes",
+            "Leadership terms this process won",
+            m.leadership_changes.clone(),
+        );
+        r.register(
+            "takeover_seconds",
+            "Seconds from winning leadership to streaming",
+            m.takeover_seconds.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m

@@ -19,7 +19,9 @@ use tracing::{error, info, warn};
 
 use crate::binlog::{self, Source, SourceError, SourceEvent};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
-use crate::config::{BadRowPolicy, Config};
+use crate::config::{BadRowPolicy, Config, ElectionMode};
+use crate::election::redis_lock::RedisLock;
+use crate::election::{process_identity, Backend, Elector, Leadership, LeaseLock};
 use crate::kafka::{self, Sent, Sink, SinkError};
 use crate::metrics::{label, Metrics};
 use crate::outbox::{BadRow, Record};
@@ -47,6 +49,13 @@ pub enum RelayError {
         gtid: String,
         reason: String,
     },
+    #[error(
+        "leadership lost (epoch {epoch}): stopped at once without a final checkpoint; \
+         exiting so that a restart rejoins as a standby"
+    )]
+    LostLeadership { epoch: u64 },
+    #[error("leader election: {0}")]
+    Election(String),
     #[error("kafka did not acknowledge record id={id} for topic {topic}: {message}")]
     Delivery {
         id: String,
@@ -60,6 +69,8 @@ pub enum RelayError {
 pub struct Health {
     /// Streaming: binlog open and records flowing to Kafka.
     pub ready: AtomicBool,
+    /// Waiting warm for leadership (preflight passed, Redis reachable).
+    pub standby: AtomicBool,
     /// Set when the relay stopped on a definite error.
     pub failed: AtomicBool,
 }
@@ -84,25 +95,19 @@ const INFLIGHT: usize = 20_000;
 const FINISH_TXN: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown` is cancelled (returns Ok after a final
-/// checkpoint) or a definite error stops it.
+/// checkpoint) or a definite error stops it. With an election, the process
+/// first waits warm as a standby (MySQL preflight passed, Redis reachable)
+/// until it leads.
 pub async fn run(
     cfg: Arc<Config>,
     metrics: Metrics,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let epoch = cfg.epoch;
-    metrics.epoch.set(epoch as i64);
-
-    let mut conn = retry("connect to MySQL", &shutdown, || {
-        binlog::connect(&cfg.mysql)
-    })
-    .await
-    .map_err(RelayError::Source)?
-    .ok_or_else(|| SourceError::Definite("shut down before connecting".into()))?;
-    let info = binlog::preflight(&mut conn, &cfg).await?;
+    let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
     info!(server = %info.version, gtid = info.gtid, "preflight passed");
-
     let store = retry("connect to Redis", &shutdown, || {
         CheckpointStore::connect(&cfg.redis, &cfg.name)
     })
@@ -111,16 +116,126 @@ pub async fn run(
     let Some(stored) = retry("load the checkpoint", &shutdown, || store.load()).await? else {
         return Ok(());
     };
-    // Claim the term: from now on an older writer is refused.
+    let elector = elector(&cfg, &store).await?;
+    let (lead, conn, info) = match &elector {
+        None => (Leadership::fixed(cfg.epoch), conn, info),
+        Some(el) => {
+            // A standby holds no binlog connection; it reconnects on taking over.
+            drop(conn);
+            health.standby.store(true, Ordering::Relaxed);
+            let won = el.campaign(stored.epoch, &shutdown).await;
+            health.standby.store(false, Ordering::Relaxed);
+            let Some(lead) = won.map_err(|e| RelayError::Election(e.to_string()))? else {
+                return Ok(());
+            };
+            metrics.leadership_changes.inc();
+            let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
+                el.release(&lead).await;
+                return Ok(());
+            };
+            (lead, conn, info)
+        }
+    };
+    metrics.is_leader.set(1);
+    metrics.epoch.set(lead.epoch() as i64);
+    let outcome = lead_term(
+        &cfg, &metrics, &health, &shutdown, &store, conn, info, &lead,
+    )
+    .await;
+    metrics.is_leader.set(0);
+    if let Some(el) = &elector {
+        // A standby takes over at once instead of waiting out the lease.
+        el.release(&lead).await;
+    }
+    if let Err(e) = &outcome {
+        health.failed.store(true, Ordering::Relaxed);
+        error!(error = %e, "relay stopped");
+    }
+    outcome
+}
+
+/// Connects to MySQL and runs the preflight checks (None on shutdown).
+async fn open_mysql(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<(mysql_async::Conn, binlog::ServerInfo)>, RelayError> {
+    let Some(mut conn) =
+        retry("connect to MySQL", shutdown, || binlog::connect(&cfg.mysql)).await?
+    else {
+        return Ok(None);
+    };
+    let info = binlog::preflight(&mut conn, cfg).await?;
+    Ok(Some((conn, info)))
+}
+
+/// The configured election, or None for a single process.
+async fn elector(cfg: &Config, store: &CheckpointStore) -> Result<Option<Elector>, RelayError> {
+    let e = &cfg.election;
+    let identity = process_identity(e.identity.as_deref());
+    let backend = match e.mode {
+        ElectionMode::None => return Ok(None),
+        ElectionMode::Redis => Backend::Redis(RedisLock::new(
+            store.connection(),
+            &cfg.redis.key_prefix,
+            &cfg.name,
+            &identity,
+            e.lease_duration,
+        )),
+        ElectionMode::Kubernetes => {
+            let client = kube::Client::try_default().await.map_err(|err| {
+                RelayError::Election(format!(
+                    "election.mode = \"kubernetes\": no Kubernetes client configuration: {err}"
+                ))
+            })?;
+            let ns = e
+                .namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let name = e
+                .lease_name
+                .clone()
+                .unwrap_or_else(|| format!("{}-relay-leader", cfg.name));
+            info!(namespace = %ns, lease = %name, "leader election through a Kubernetes Lease");
+            Backend::Lease(LeaseLock::new(
+                kube::Api::namespaced(client, &ns),
+                &name,
+                &identity,
+                &e.timing(),
+            ))
+        }
+    };
+    Ok(Some(Elector::new(backend, e.timing(), identity)))
+}
+
+/// One leadership term: fence the checkpoint with the term's epoch, resume
+/// from it and stream until shutdown, a definite error or the term's end.
+#[allow(clippy::too_many_arguments)]
+async fn lead_term(
+    cfg: &Arc<Config>,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+    store: &CheckpointStore,
+    mut conn: mysql_async::Conn,
+    info: binlog::ServerInfo,
+    lead: &Arc<Leadership>,
+) -> Result<(), RelayError> {
+    let epoch = lead.epoch();
+    // Claim the term: from now on an older writer is refused. Then read the
+    // checkpoint, which includes everything an older writer saved before.
     store.fence(epoch).await?;
+    let Some(stored) = retry("load the checkpoint", shutdown, || store.load()).await? else {
+        return Ok(());
+    };
     let start = match stored.position {
         Some(p) => {
-            info!(position = %p.short(), file = %p.file, key = store.key(), "resuming from the stored checkpoint");
+            info!(position = %p.short(), file = %p.file, key = store.key(), epoch, "resuming from the stored checkpoint");
             p
         }
         None => {
             let p = binlog::resolve_start(&mut conn, &info, &cfg.start_from).await?;
-            info!(start_from = %cfg.start_from, position = %p.short(), file = %p.file, "no checkpoint stored; starting");
+            info!(start_from = %cfg.start_from, position = %p.short(), file = %p.file, epoch, "no checkpoint stored; starting");
             p
         }
     };
@@ -132,13 +247,15 @@ pub async fn run(
     }
     let sink = Sink::new(&cfg.kafka)?;
     let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
+    let shutdown = shutdown.clone();
+    let metrics = metrics.clone();
 
     let pending: Arc<Mutex<VecDeque<u32>>> = Arc::default();
     let (tx, rx) = mpsc::channel::<Inflight>(INFLIGHT);
     let acker = tokio::spawn(ack_loop(
         rx,
         store.clone(),
-        epoch,
+        lead.clone(),
         cfg.redis.checkpoint_interval,
         metrics.clone(),
         pending.clone(),
@@ -146,8 +263,11 @@ pub async fn run(
     ));
     let mut acker = std::pin::pin!(acker);
     health.ready.store(true, Ordering::Relaxed);
+    metrics
+        .takeover_seconds
+        .set(lead.acquired().elapsed().as_secs_f64());
     let epoch_text = epoch.to_string();
-    let max_bytes = binlog::max_message_bytes(&cfg);
+    let max_bytes = binlog::max_message_bytes(cfg);
     let mut tables: HashMap<String, Arc<str>> = HashMap::new();
 
     let mut result: Result<(), RelayError> = Ok(());
@@ -167,6 +287,10 @@ pub async fn run(
         let deadline = stop_by.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_TXN * 1000);
         let ev = tokio::select! {
             biased;
+            _ = lead.lost().cancelled() => {
+                result = Err(RelayError::LostLeadership { epoch });
+                break;
+            }
             _ = shutdown.cancelled(), if stop_by.is_none() => continue,
             _ = tokio::time::sleep_until(deadline), if stop_by.is_some() => {
                 warn!(rows = open_rows, "stopping inside a transaction; its rows are sent again after a restart");
@@ -185,6 +309,12 @@ pub async fn run(
                 break;
             }
         };
+        // Not one more record once the term is over (the renew deadline
+        // passed even if the renewal task has not noticed yet).
+        if !lead.is_valid() {
+            result = Err(RelayError::LostLeadership { epoch });
+            break;
+        }
         let item = match ev {
             SourceEvent::Commit { position, .. } => {
                 open_rows = 0;
@@ -277,22 +407,26 @@ pub async fn run(
     metrics.streaming.set(0);
     drop(tx);
     drop(source);
+    if !lead.is_valid() {
+        // Flush nothing further and write no final checkpoint: the next
+        // leader resumes from the last checkpoint written in this term.
+        acker.abort();
+    }
     let acked = match acker_done {
         Some(r) => r,
         None => acker.await,
     };
     let acked = acked.unwrap_or_else(|e| {
-        Err(RelayError::Sink(SinkError::Failed(format!(
-            "acknowledgement task failed: {e}"
-        ))))
+        if e.is_cancelled() {
+            Err(RelayError::LostLeadership { epoch })
+        } else {
+            Err(RelayError::Sink(SinkError::Failed(format!(
+                "acknowledgement task failed: {e}"
+            ))))
+        }
     });
     // Report the first cause: a reader error explains an acker that stopped.
-    let outcome = result.and(acked);
-    if let Err(e) = &outcome {
-        health.failed.store(true, Ordering::Relaxed);
-        error!(error = %e, "relay stopped");
-    }
-    outcome
+    result.and(acked)
 }
 
 fn bad_row_error(
@@ -327,7 +461,7 @@ fn delivery(fut: DeliveryFuture, table: Arc<str>, rec: Record, dead_letter: bool
 async fn ack_loop(
     mut rx: mpsc::Receiver<Inflight>,
     store: CheckpointStore,
-    epoch: u64,
+    lead: Arc<Leadership>,
     interval: Duration,
     metrics: Metrics,
     pending: Arc<Mutex<VecDeque<u32>>>,
@@ -378,7 +512,7 @@ async fn ack_loop(
                     acked = Some(p);
                     dirty = true;
                     if last_write.elapsed() >= interval {
-                        write(&store, epoch, acked.as_ref(), &metrics, &shutdown, false).await?;
+                        write(&store, &lead, acked.as_ref(), &metrics, &shutdown, false).await?;
                         dirty = false;
                         last_write = Instant::now();
                     }
@@ -386,7 +520,7 @@ async fn ack_loop(
             },
             _ = tick.tick() => {
                 if dirty {
-                    write(&store, epoch, acked.as_ref(), &metrics, &shutdown, false).await?;
+                    write(&store, &lead, acked.as_ref(), &metrics, &shutdown, false).await?;
                     dirty = false;
                     last_write = Instant::now();
                 }
@@ -395,7 +529,7 @@ async fn ack_loop(
         update_lag(&metrics, &pending, acked.as_ref(), last_write);
     }
     if dirty {
-        write(&store, epoch, acked.as_ref(), &metrics, &shutdown, true).await?;
+        write(&store, &lead, acked.as_ref(), &metrics, &shutdown, true).await?;
     }
     if let Some(p) = &acked {
         info!(position = %p.short(), file = %p.file, "final checkpoint stored");
@@ -435,16 +569,22 @@ fn update_lag(
 /// unsaved tail is sent again after a restart.
 async fn write(
     store: &CheckpointStore,
-    epoch: u64,
+    lead: &Leadership,
     pos: Option<&Position>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
     last: bool,
 ) -> Result<(), RelayError> {
     let Some(pos) = pos else { return Ok(()) };
+    let epoch = lead.epoch();
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
+        // Re-check the claim right before writing; the epoch fence in Redis
+        // refuses the write anyway if a newer term has begun.
+        if !lead.is_valid() {
+            return Err(RelayError::LostLeadership { epoch });
+        }
         match store.save(epoch, pos).await {
             Ok(()) => {
                 metrics.checkpoints.inc();

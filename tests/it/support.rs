@@ -443,30 +443,50 @@ impl Relay {
         }
     }
 
-    /// Until `/readyz` answers 200.
+    /// What `/readyz` says: `streaming`, `standby`, or None when not ready.
+    pub async fn role(&self) -> Option<String> {
+        match http_get(self.http_port, "/readyz").await {
+            Some((200, body)) => Some(body.trim().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// Until `/readyz` says `streaming` (the leader's binlog stream is open).
     pub async fn wait_ready(&mut self) {
-        let port = self.http_port;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_role("streaming", Duration::from_secs(60)).await;
+    }
+
+    /// Until `/readyz` says `role`; panics with the log if the process exits.
+    pub async fn wait_role(&mut self, role: &str, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
-            if http_get(port, "/readyz")
-                .await
-                .is_some_and(|(code, _)| code == 200)
-            {
+            if self.role().await.as_deref() == Some(role) {
                 return;
             }
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 panic!(
-                    "relay exited ({s}) before it was ready; log:\n{}",
+                    "relay exited ({s}) before it was {role}; log:\n{}",
                     self.logs()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "relay not ready; log:\n{}",
+                "relay not {role} within {within:?}; log:\n{}",
                 self.logs()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A gauge or counter of this process's `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Some((_, text)) = http_get(self.http_port, "/metrics").await else {
+            return 0.0;
+        };
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
