@@ -26,10 +26,12 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::crd::OutboxRelay;
+use crate::cleanup::{self, relay_name, FINALIZER};
+use crate::crd::{CheckpointPolicy, OutboxRelay};
+use crate::metrics::Metrics;
 use crate::resources::config::{build_configmap, CONFIG_FILE};
 use crate::resources::deployment::{build_deployment, config_hash};
-use crate::resources::rbac::{build_role, build_role_binding, build_service_account};
+use crate::resources::rbac::{build_lease, build_role, build_role_binding, build_service_account};
 use crate::resources::service::{build_pdb, build_service};
 use crate::validate::validate;
 
@@ -52,6 +54,25 @@ pub struct Context {
     /// Relay image when the spec does not name one.
     pub relay_image: String,
     pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Error {
+    /// A short label for metrics.
+    fn reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => {
+                if s.reason.is_empty() {
+                    format!("api_{}", s.code)
+                } else {
+                    s.reason.clone()
+                }
+            }
+            Error::Kube(_) => "api_unreachable".into(),
+            Error::NoOwner => "no_owner".into(),
+            Error::Wait(_) => "crd_not_established".into(),
+        }
+    }
 }
 
 /// One condition as the operator computes it.
@@ -63,15 +84,44 @@ struct Cond {
 }
 
 pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_relay(&obj, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => {}
+        Err(e) => {
+            ctx.metrics.outcome("error");
+            ctx.metrics.failure(&e.reason());
+        }
+    }
+    result
+}
+
+async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
     let relays: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
 
-    let v = match validate(&obj) {
+    // Deletion: the children go by garbage collection; only the Redis
+    // checkpoint needs us, and only under `checkpointPolicy: Delete`.
+    if obj.metadata.deletion_timestamp.is_some() {
+        if has_finalizer(obj) {
+            return delete_checkpoint(obj, ctx, &ns, &relays).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let wants = obj.spec.checkpoint_policy == Some(CheckpointPolicy::Delete);
+    if wants != has_finalizer(obj) {
+        set_finalizer(&relays, obj, wants).await?;
+    }
+
+    let v = match validate(obj) {
         Ok(v) => v,
         Err(e) => {
             // A bad spec waits for the user: no retry loop, no crash.
             let message = e.to_string();
-            publish(&ctx, &obj, EventType::Warning, "InvalidSpec", &message).await;
+            publish(ctx, obj, EventType::Warning, "InvalidSpec", &message).await;
             let conds = [
                 Cond {
                     type_: "Ready",
@@ -86,7 +136,8 @@ pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Actio
                     message,
                 },
             ];
-            patch_status(&relays, &obj, &conds).await?;
+            patch_status(&relays, obj, &conds).await?;
+            ctx.metrics.outcome("invalid_spec");
             return Ok(Action::await_change());
         }
     };
@@ -107,7 +158,7 @@ pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Actio
             }
         };
         if let Some(message) = missing {
-            publish(&ctx, &obj, EventType::Warning, "MissingSecret", &message).await;
+            publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
             let conds = [
                 Cond {
                     type_: "Ready",
@@ -122,7 +173,8 @@ pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Actio
                     message,
                 },
             ];
-            patch_status(&relays, &obj, &conds).await?;
+            patch_status(&relays, obj, &conds).await?;
+            ctx.metrics.outcome("missing_secret");
             // The Secret watch brings us back when it appears; poll too.
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
@@ -146,6 +198,7 @@ pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Actio
     apply(c, &ns, build_service_account(&v), &owner).await?;
     apply(c, &ns, build_role(&v), &owner).await?;
     apply(c, &ns, build_role_binding(&v), &owner).await?;
+    apply(c, &ns, build_lease(&v), &owner).await?;
     apply(c, &ns, cm, &owner).await?;
     let deployment = apply(
         c,
@@ -159,11 +212,120 @@ pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Actio
 
     patch_status(
         &relays,
-        &obj,
+        obj,
         &rollout_conditions(&deployment, v.spec.replicas),
     )
     .await?;
+    ctx.metrics.outcome("applied");
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+fn has_finalizer(obj: &OutboxRelay) -> bool {
+    obj.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds or removes our finalizer (optimistic: the patch names the
+/// resourceVersion it read, so it never drops someone else's finalizer).
+async fn set_finalizer(api: &Api<OutboxRelay>, obj: &OutboxRelay, on: bool) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if on {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
+    });
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `checkpointPolicy: Delete` on deletion: delete the relay's Redis keys,
+/// then let the resource go. While Redis cannot be reached the resource stays
+/// (Degraded, reason `CheckpointDeleteFailed`) and the deletion is retried;
+/// removing the finalizer by hand skips it.
+async fn delete_checkpoint(
+    obj: &OutboxRelay,
+    ctx: &Context,
+    ns: &str,
+    relays: &Api<OutboxRelay>,
+) -> Result<Action, Error> {
+    let redis = &obj.spec.redis;
+    let password = match &redis.password_secret {
+        None => Ok(None),
+        Some(r) => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+            match secrets.get_opt(&r.name).await? {
+                None => Err(format!(
+                    "Secret {ns}/{} (spec.redis.passwordSecret) does not exist",
+                    r.name
+                )),
+                Some(s) => s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!(
+                            "Secret {ns}/{} has no key `{}` (spec.redis.passwordSecret)",
+                            r.name, r.key
+                        )
+                    }),
+            }
+        }
+    };
+    let relay = relay_name(ns, &obj.name_any());
+    let outcome = match password {
+        Ok(p) => {
+            cleanup::delete_checkpoint(
+                &redis.url,
+                p.as_deref(),
+                redis.key_prefix.as_deref(),
+                &relay,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(n) => {
+            let note = format!("deleted the relay's Redis checkpoint ({n} keys) for {relay}");
+            publish(ctx, obj, EventType::Normal, "CheckpointDeleted", &note).await;
+            set_finalizer(relays, obj, false).await?;
+            ctx.metrics.outcome("checkpoint_deleted");
+            Ok(Action::await_change())
+        }
+        Err(message) => {
+            let message =
+                format!("cannot delete the checkpoint (checkpointPolicy: Delete): {message}");
+            publish(
+                ctx,
+                obj,
+                EventType::Warning,
+                "CheckpointDeleteFailed",
+                &message,
+            )
+            .await;
+            let conds = [Cond {
+                type_: "Degraded",
+                status: true,
+                reason: "CheckpointDeleteFailed",
+                message,
+            }];
+            patch_status(relays, obj, &conds).await?;
+            ctx.metrics.outcome("checkpoint_delete_failed");
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+    }
 }
 
 /// API errors: retry with a short backoff.
@@ -303,6 +465,7 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     relay_image: String,
+    metrics: Metrics,
 ) -> Result<(), Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd_name = "outboxrelays.outboxrelay.dev";
@@ -338,6 +501,7 @@ pub async fn run(
         client: client.clone(),
         relay_image,
         recorder,
+        metrics,
     });
     controller
         .owns(api::<Deployment>(&client, &namespace), children.clone())
@@ -467,6 +631,11 @@ mod tests {
                     let mut whole = relay.clone();
                     whole["status"] = body["status"].clone();
                     (StatusCode::OK, whole)
+                } else if path.contains("/outboxrelays/") {
+                    // A merge patch of the finalizers.
+                    let mut whole = relay.clone();
+                    whole["metadata"]["finalizers"] = body["metadata"]["finalizers"].clone();
+                    (StatusCode::OK, whole)
                 } else {
                     // Applies and creates: the object as written.
                     let mut echo = body.clone();
@@ -495,6 +664,7 @@ mod tests {
             client,
             relay_image: "outbox-relay:test".into(),
             recorder,
+            metrics: Metrics::default(),
         };
         (Arc::new(ctx), log)
     }
@@ -546,6 +716,7 @@ mod tests {
                 "ServiceAccount",
                 "Role",
                 "RoleBinding",
+                "Lease",
                 "ConfigMap",
                 "Deployment",
                 "Service",
@@ -656,5 +827,51 @@ mod tests {
             .as_str()
             .unwrap_or_default()
             .contains("spec.kafka.deadLetterTopic"));
+    }
+
+    #[tokio::test]
+    async fn delete_policy_adds_the_finalizer_and_retain_removes_it() {
+        let r = relay(&format!("{FULL}checkpointPolicy: Delete\n"));
+        let (ctx, log) = fake(all_secrets(), &r);
+        reconcile(r, ctx).await.expect("reconcile");
+        let p = patches(&log);
+        let (uri, body) = &p[0];
+        assert!(
+            uri.contains("/outboxrelays/orders") && !uri.contains("/status"),
+            "{uri}"
+        );
+        assert_eq!(body["metadata"]["finalizers"], json!([FINALIZER]));
+        assert_eq!(p.len(), 10, "then the children and the status: {p:?}");
+
+        let mut r = fixture(FULL);
+        r.metadata.finalizers = Some(vec!["other/keep".into(), FINALIZER.into()]);
+        let r = Arc::new(r);
+        let (ctx, log) = fake(all_secrets(), &r);
+        reconcile(r, ctx).await.expect("reconcile");
+        let p = patches(&log);
+        assert_eq!(p[0].1["metadata"]["finalizers"], json!(["other/keep"]));
+    }
+
+    #[tokio::test]
+    async fn deletion_keeps_the_finalizer_while_redis_is_unreachable() {
+        let mut r = fixture(&format!("{FULL}checkpointPolicy: Delete\n"));
+        r.spec.redis.url = "redis://127.0.0.1:1/0".into();
+        r.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        r.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let r = Arc::new(r);
+        let (ctx, log) = fake(all_secrets(), &r);
+        let action = reconcile(r, ctx).await.expect("no crash");
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        let p = patches(&log);
+        assert_eq!(p.len(), 1, "only the status; the finalizer stays: {p:?}");
+        let degraded = condition(&p[0].1, "Degraded");
+        assert_eq!(degraded["reason"], "CheckpointDeleteFailed");
+        let msg = degraded["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("redis"), "{msg}");
+        assert!(!msg.contains("secret"), "the password leaked: {msg}");
+        let requests = log.lock().expect("log").clone();
+        assert!(requests.iter().any(|(m, u, b)| m == "POST"
+            && u.contains("/events")
+            && b["reason"] == "CheckpointDeleteFailed"));
     }
 }

@@ -1,8 +1,10 @@
 //! outbox-operator: the `OutboxRelay` resource and (to come) the reconciler
 //! that turns it into leader-elected relay pods.
 
+pub mod cleanup;
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod resources;
 pub mod validate;
 

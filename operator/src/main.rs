@@ -1,4 +1,12 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use outbox_operator::metrics::{self, Metrics};
+use outbox_relay::election::{process_identity, Backend, Elector, LeaseLock, Timing};
+use tokio_util::sync::CancellationToken;
 
 /// The OutboxRelay operator.
 #[derive(Parser)]
@@ -23,6 +31,18 @@ enum Command {
         /// Log format.
         #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// Elect one active replica through a Lease (run 2 replicas for HA).
+        #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
+        /// Name of the operator's own Lease.
+        #[arg(long, env = "LEASE_NAME", default_value = "outbox-operator")]
+        lease_name: String,
+        /// Namespace of the Lease (default: POD_NAMESPACE, else the client's).
+        #[arg(long, env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+        http_listen: std::net::SocketAddr,
     },
 }
 
@@ -38,24 +58,90 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    match args.command {
-        Command::Crd => print!("{}", outbox_operator::crd_yaml()?),
-        Command::Run {
-            namespace,
-            relay_image,
-            log_format,
-        } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let b = tracing_subscriber::fmt().with_env_filter(filter);
-            if log_format == "json" {
-                b.json().init();
-            } else {
-                b.init();
-            }
-            let client = kube::Client::try_default().await?;
-            outbox_operator::controller::run(client, namespace, relay_image).await?;
-        }
+    let Command::Run {
+        namespace,
+        relay_image,
+        log_format,
+        leader_elect,
+        lease_name,
+        lease_namespace,
+        http_listen,
+    } = args.command
+    else {
+        print!("{}", outbox_operator::crd_yaml()?);
+        return Ok(());
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    if log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
     }
-    Ok(())
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let server = metrics::serve(
+        http_listen,
+        metrics.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("--http-listen: cannot listen on {http_listen}"))?;
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    // A standby is healthy and ready: probes must not restart it.
+    ready.store(true, Ordering::Relaxed);
+
+    let elected = if leader_elect {
+        let ns = lease_namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+        let timing = Timing::default();
+        let identity = process_identity(None);
+        let lock = LeaseLock::new(
+            kube::Api::<Lease>::namespaced(client.clone(), &ns),
+            &lease_name,
+            &identity,
+            &timing,
+        );
+        let elector = Elector::new(Backend::Lease(lock), timing, identity);
+        match elector.campaign(0, &shutdown).await? {
+            Some(lead) => Some((elector, lead)),
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
+    metrics.is_leader.set(1);
+    let controller =
+        outbox_operator::controller::run(client, namespace, relay_image, metrics.clone());
+    let result = match &elected {
+        Some((_, lead)) => tokio::select! {
+            r = controller => r.map_err(anyhow::Error::from),
+            _ = lead.lost().cancelled() => Err(anyhow::anyhow!(
+                "leadership lost: exiting so that a restart rejoins as a standby"
+            )),
+        },
+        None => controller.await.map_err(anyhow::Error::from),
+    };
+    metrics.is_leader.set(0);
+    if let Some((elector, lead)) = &elected {
+        elector.release(lead).await;
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    result
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    shutdown.cancel();
 }

@@ -1,7 +1,9 @@
 //! One test binary for everything that needs the real services (link time
 //! is the cost of each binary on 2 cores).
 
+mod election;
 mod faults;
+mod kube;
 mod operator;
 mod relay;
 mod support;

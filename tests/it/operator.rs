@@ -60,3 +60,52 @@ fn operator_and_relay_agree_on_which_kafka_properties_are_secret() {
         );
     }
 }
+
+/// `checkpointPolicy: Delete` deletes exactly the relay's keys in a real
+/// Redis (checkpoint, election lock, epoch), nothing of another relay.
+#[tokio::test]
+async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
+    use outbox_operator::cleanup::{delete_checkpoint, relay_name};
+    use outbox_relay::keys::all_keys;
+
+    crate::support::services();
+    let ns = format!("ns{}", crate::support::unique());
+    let gone = relay_name(&ns, "orders");
+    let kept = relay_name(&ns, "billing");
+    let client = redis::Client::open(crate::support::REDIS_URL).expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    for relay in [&gone, &kept] {
+        for k in all_keys("test:", relay) {
+            let _: () = redis::cmd("SET")
+                .arg(&k)
+                .arg("x")
+                .query_async(&mut c)
+                .await
+                .expect("set");
+        }
+    }
+    let n = delete_checkpoint(crate::support::REDIS_URL, None, Some("test:"), &gone)
+        .await
+        .expect("delete");
+    assert_eq!(n, 3);
+    let count = |keys: [String; 3]| {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&keys[..])
+                .query_async::<usize>(&mut c)
+                .await
+                .expect("exists")
+        }
+    };
+    assert_eq!(count(all_keys("test:", &gone)).await, 0);
+    assert_eq!(count(all_keys("test:", &kept)).await, 3);
+    // Unreachable Redis: a clear error, no panic.
+    let e = delete_checkpoint("redis://127.0.0.1:1/0", Some("hunter2"), None, &gone)
+        .await
+        .expect_err("unreachable");
+    assert!(e.starts_with("redis:") && !e.contains("hunter2"), "{e}");
+}

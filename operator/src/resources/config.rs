@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Serialize;
 
+use crate::cleanup::relay_name;
 use crate::crd::{BadRowPolicy, TlsMode};
 use crate::resources::child_meta;
+use crate::resources::rbac::lease_name;
 use crate::validate::{SecretUse, ValidatedRelay};
 
 /// Where the ConfigMap is mounted in the relay container.
@@ -28,6 +30,7 @@ struct File<'a> {
     outbox: Vec<Outbox<'a>>,
     kafka: Kafka<'a>,
     redis: Redis<'a>,
+    election: Election,
     http: Http,
     log: Log<'a>,
 }
@@ -80,6 +83,13 @@ struct Redis<'a> {
 }
 
 #[derive(Serialize)]
+struct Election {
+    mode: &'static str,
+    lease_name: String,
+    namespace: String,
+}
+
+#[derive(Serialize)]
 struct Http {
     listen: String,
 }
@@ -100,7 +110,7 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
         .map(|(_, k)| format!("{MYSQL_CA_DIR}/{}", k.key));
     let file = File {
         // Unique per namespace: keys the checkpoint in a shared Redis.
-        name: format!("{}.{}", r.namespace, r.name),
+        name: relay_name(&r.namespace, &r.name),
         start_from: s.start_from.as_deref(),
         mysql: Mysql {
             host: &s.mysql.host,
@@ -159,6 +169,11 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             url: &s.redis.url,
             key_prefix: s.redis.key_prefix.as_deref(),
         },
+        election: Election {
+            mode: "kubernetes",
+            lease_name: lease_name(r),
+            namespace: r.namespace.clone(),
+        },
         http: Http {
             listen: format!("0.0.0.0:{HTTP_PORT}"),
         },
@@ -201,6 +216,10 @@ mod tests {
         );
         assert!(toml.contains("bad_row_policy = \"dead_letter\""), "{toml}");
         assert!(toml.contains("format = \"json\""), "{toml}");
+        assert!(
+            toml.contains("[election]\nmode = \"kubernetes\"\nlease_name = \"orders-relay-leader\"\nnamespace = \"shop\""),
+            "{toml}"
+        );
         for secret_ref in ["mysql-relay", "kafka-user", "sasl.password", "password"] {
             assert!(
                 !toml.contains(secret_ref),

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -71,6 +71,23 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
         value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
         ..EnvVar::default()
     });
+    // The pod's name is its identity in the leader-election Lease.
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        env.push(EnvVar {
+            name: name.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.into(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
 
     let mut volumes = vec![Volume {
         name: "config".into(),
@@ -219,6 +236,11 @@ mod tests {
                 assert_eq!(e.value.as_deref(), Some("/etc/outbox-relay/relay.toml"));
                 continue;
             }
+            if e.name.starts_with("POD_") {
+                let f = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+                assert!(f.is_some(), "{} is not from the downward API", e.name);
+                continue;
+            }
             assert!(e.value.is_none(), "{} has a literal value", e.name);
             let r = e
                 .value_from
@@ -234,7 +256,9 @@ mod tests {
                 "OUTBOX_RELAY_REDIS_PASSWORD",
                 "OUTBOX_RELAY_KAFKA_SASL_PASSWORD",
                 "OUTBOX_RELAY_KAFKA_SASL_USERNAME",
-                "OUTBOX_RELAY_CONFIG"
+                "OUTBOX_RELAY_CONFIG",
+                "POD_NAME",
+                "POD_NAMESPACE"
             ]
         );
         let ca = pod

@@ -1,6 +1,7 @@
 //! The relay's ServiceAccount, and a Role with exactly what a relay needs:
 //! its own Lease (leader election) and its own OutboxRelay's status.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 
@@ -10,6 +11,18 @@ use crate::validate::ValidatedRelay;
 /// Name of the relay's leader-election Lease.
 pub fn lease_name(r: &ValidatedRelay) -> String {
     format!("{}-leader", child_name(r))
+}
+
+/// The Lease the relays elect their leader with. The operator creates it
+/// (so the relays need no `create` right) and owns only its metadata: the
+/// relays own its spec.
+pub fn build_lease(r: &ValidatedRelay) -> Lease {
+    let mut metadata = child_meta(r);
+    metadata.name = Some(lease_name(r));
+    Lease {
+        metadata,
+        spec: None,
+    }
 }
 
 pub fn build_service_account(r: &ValidatedRelay) -> ServiceAccount {
@@ -106,6 +119,9 @@ mod tests {
                 ),
             ]
         );
+        let lease = build_lease(&v);
+        assert_eq!(lease.metadata.name.as_deref(), Some("orders-relay-leader"));
+        assert!(lease.spec.is_none(), "the relays own the Lease's spec");
         let rb = build_role_binding(&v);
         assert_eq!(rb.role_ref.name, "orders-relay");
         let subject = &rb.subjects.expect("subjects")[0];
