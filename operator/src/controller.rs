@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::cleanup::{self, relay_name, FINALIZER};
 use crate::crd::{CheckpointPolicy, OutboxRelay};
+use crate::health::{assess, heartbeat_interval, Cond};
 use crate::metrics::Metrics;
 use crate::resources::config::{build_configmap, CONFIG_FILE};
 use crate::resources::deployment::{build_deployment, config_hash};
@@ -55,6 +56,8 @@ pub struct Context {
     pub relay_image: String,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// The last leader (pod, epoch) seen per relay, for LeaderChanged Events.
+    pub leaders: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
 
 impl Error {
@@ -73,14 +76,6 @@ impl Error {
             Error::Wait(_) => "crd_not_established".into(),
         }
     }
-}
-
-/// One condition as the operator computes it.
-struct Cond {
-    type_: &'static str,
-    status: bool,
-    reason: &'static str,
-    message: String,
 }
 
 pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -210,14 +205,43 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     apply(c, &ns, build_service(&v), &owner).await?;
     apply(c, &ns, build_pdb(&v), &owner).await?;
 
-    patch_status(
-        &relays,
-        obj,
-        &rollout_conditions(&deployment, v.spec.replicas),
-    )
-    .await?;
+    // Conditions: the rollout from the Deployment, the rest from what the
+    // leading relay reports (so a dead outbox never shows Ready).
+    let health = assess(
+        obj.status.as_ref(),
+        heartbeat_interval(v.spec.heartbeat_interval.as_deref()),
+        v.spec.max_lag_seconds,
+        obj.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        Timestamp::now(),
+    );
+    let degraded = match &health.error {
+        Some(e) => Cond {
+            type_: "Degraded",
+            status: true,
+            reason: "RelayError",
+            message: e.clone(),
+        },
+        None => Cond {
+            type_: "Degraded",
+            status: false,
+            reason: "Reconciled",
+            message: "children applied".into(),
+        },
+    };
+    let conds = [
+        health.ready.clone(),
+        rollout_condition(&deployment, v.spec.replicas),
+        degraded,
+        health.stalled.clone(),
+    ];
+    announce(ctx, obj, &conds).await;
+    ctx.metrics
+        .relay(&ns, &obj.name_any(), &conds, obj.status.as_ref());
+    patch_status(&relays, obj, &conds).await?;
     ctx.metrics.outcome("applied");
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(
+        health.recheck.min(Duration::from_secs(300)),
+    ))
 }
 
 fn has_finalizer(obj: &OutboxRelay) -> bool {
@@ -338,42 +362,72 @@ fn has_key(s: &Secret, key: &str) -> bool {
         || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
 }
 
-/// Ready / Progressing / Degraded from the applied Deployment's status.
-fn rollout_conditions(d: &Deployment, desired: i32) -> [Cond; 3] {
+/// Progressing from the applied Deployment's status.
+fn rollout_condition(d: &Deployment, desired: i32) -> Cond {
     let st = d.status.clone().unwrap_or_default();
     let available = st.available_replicas.unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
     let current =
         st.observed_generation.is_some() && st.observed_generation == d.metadata.generation;
     let rolled = current && updated >= desired;
-    [
-        Cond {
-            type_: "Ready",
-            status: available >= 1,
-            reason: if available >= 1 {
-                "RelayAvailable"
-            } else {
-                "NoRelayAvailable"
-            },
-            message: format!("{available} of {desired} relay pods available"),
+    Cond {
+        type_: "Progressing",
+        status: !rolled,
+        reason: if rolled {
+            "RolloutComplete"
+        } else {
+            "RollingOut"
         },
-        Cond {
-            type_: "Progressing",
-            status: !rolled,
-            reason: if rolled {
-                "RolloutComplete"
-            } else {
-                "RollingOut"
-            },
-            message: format!("{updated} of {desired} relay pods updated"),
-        },
-        Cond {
-            type_: "Degraded",
-            status: false,
-            reason: "Reconciled",
-            message: "children applied".into(),
-        },
-    ]
+        message: format!("{updated} of {desired} relay pods updated, {available} available"),
+    }
+}
+
+/// Events on transitions: stalled, recovered, relay error, leader change.
+async fn announce(ctx: &Context, obj: &OutboxRelay, conds: &[Cond]) {
+    let old = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let was = |t: &str| {
+        old.iter()
+            .find(|c| c.type_ == t)
+            .map(|c| c.status == "True")
+    };
+    for c in conds {
+        let before = was(c.type_);
+        match (c.type_, before, c.status) {
+            ("Stalled", Some(false) | None, true) => {
+                publish(ctx, obj, EventType::Warning, "Stalled", &c.message).await
+            }
+            ("Stalled", Some(true), false) => {
+                publish(ctx, obj, EventType::Normal, "Recovered", &c.message).await
+            }
+            ("Degraded", Some(false) | None, true) if c.reason == "RelayError" => {
+                publish(ctx, obj, EventType::Warning, "RelayError", &c.message).await
+            }
+            _ => {}
+        }
+    }
+    // Leader changes, as seen by this operator process.
+    let Some(leader) = obj.status.as_ref().and_then(|s| s.leader.clone()) else {
+        return;
+    };
+    let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    let previous = ctx
+        .leaders
+        .lock()
+        .expect("leaders lock")
+        .insert(key, (leader.pod.clone(), leader.epoch));
+    if let Some((pod, epoch)) = previous {
+        if epoch != leader.epoch {
+            let note = format!(
+                "leader is now {} (epoch {}), was {pod} (epoch {epoch})",
+                leader.pod, leader.epoch
+            );
+            publish(ctx, obj, EventType::Normal, "LeaderChanged", &note).await;
+        }
+    }
 }
 
 async fn apply<K>(client: &Client, ns: &str, mut obj: K, owner: &OwnerReference) -> Result<K, Error>
@@ -502,6 +556,7 @@ pub async fn run(
         relay_image,
         recorder,
         metrics,
+        leaders: Default::default(),
     });
     controller
         .owns(api::<Deployment>(&client, &namespace), children.clone())
@@ -665,6 +720,7 @@ mod tests {
             relay_image: "outbox-relay:test".into(),
             recorder,
             metrics: Metrics::default(),
+            leaders: Default::default(),
         };
         (Arc::new(ctx), log)
     }
@@ -703,7 +759,8 @@ mod tests {
         let r = relay(FULL);
         let (ctx, log) = fake(all_secrets(), &r);
         let action = reconcile(r, ctx).await.expect("reconcile");
-        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+        // Back before the startup grace ends, to show Stalled if no relay reports.
+        assert_eq!(action, Action::requeue(Duration::from_secs(71)));
         let p = patches(&log);
         let kinds: Vec<String> = p
             .iter()
@@ -744,8 +801,9 @@ mod tests {
         let status = &p.last().expect("status patch").1;
         assert_eq!(status["status"]["observedGeneration"], json!(3));
         assert_eq!(condition(status, "Degraded")["status"], "False");
-        // No pod is available in a fake cluster: not Ready, still rolling out.
-        assert_eq!(condition(status, "Ready")["reason"], "NoRelayAvailable");
+        // No relay has reported yet: not Ready, not yet Stalled, rolling out.
+        assert_eq!(condition(status, "Ready")["reason"], "NoLeader");
+        assert_eq!(condition(status, "Stalled")["status"], "False");
         assert_eq!(condition(status, "Progressing")["status"], "True");
     }
 
@@ -873,5 +931,71 @@ mod tests {
         assert!(requests.iter().any(|(m, u, b)| m == "POST"
             && u.contains("/events")
             && b["reason"] == "CheckpointDeleteFailed"));
+    }
+
+    /// A relay with what its leader reported `age_s` seconds ago.
+    fn reported(age_s: i64) -> Arc<OutboxRelay> {
+        let mut r = fixture(FULL);
+        let hb = Timestamp::from_second(Timestamp::now().as_second() - age_s).expect("time");
+        r.status = Some(
+            serde_json::from_value(json!({
+                "leader": {"pod": "orders-relay-0", "epoch": 7, "since": hb.to_string()},
+                "position": {"short": "0-1-42", "gtid": "0-1-42", "file": "mysql-bin.000001", "pos": 420},
+                "lag": {"seconds": 0, "bytes": 0},
+                "events": 42, "bytes": 4200,
+                "lastHeartbeatTime": hb.to_string(),
+            }))
+            .expect("relay status"),
+        );
+        Arc::new(r)
+    }
+
+    #[tokio::test]
+    async fn relay_reported_fields_and_operator_conditions_do_not_overlap() {
+        let r = reported(1);
+        let (ctx, log) = fake(all_secrets(), &r);
+        reconcile(r, ctx).await.expect("reconcile");
+        let p = patches(&log);
+        let (uri, status) = p.last().expect("status patch");
+        assert!(uri.contains("/status") && uri.contains("fieldManager=outbox-operator"));
+        // The operator applies only its own fields: the relay's (leader,
+        // position, lag, events, bytes, lastHeartbeatTime, lastError) stay
+        // owned by the relay's field manager.
+        let keys: Vec<&String> = status["status"]
+            .as_object()
+            .expect("status")
+            .keys()
+            .collect();
+        assert_eq!(keys, ["conditions", "observedGeneration"]);
+        let ready = condition(status, "Ready");
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("True"), Some("Streaming"))
+        );
+        assert!(ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("orders-relay-0 (epoch 7)"));
+        assert_eq!(condition(status, "Stalled")["status"], "False");
+    }
+
+    #[tokio::test]
+    async fn silent_relays_are_stalled_with_an_event_and_a_prompt_recheck() {
+        let r = reported(11);
+        let (ctx, log) = fake(all_secrets(), &r);
+        let action = reconcile(r, ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        let p = patches(&log);
+        let status = &p.last().expect("status").1;
+        let stalled = condition(status, "Stalled");
+        assert_eq!(
+            (stalled["status"].as_str(), stalled["reason"].as_str()),
+            (Some("True"), Some("NoHeartbeat"))
+        );
+        assert_eq!(condition(status, "Ready")["status"], "False");
+        let requests = log.lock().expect("log").clone();
+        assert!(requests
+            .iter()
+            .any(|(m, u, b)| m == "POST" && u.contains("/events") && b["reason"] == "Stalled"));
     }
 }

@@ -244,6 +244,19 @@ pub struct OutboxRelayStatus {
     pub position: Option<PositionStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
+    /// Records acknowledged by Kafka since the leading relay process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// Payload bytes acknowledged by Kafka since that process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// RFC 3339 time of the leading relay's last report; older than two
+    /// heartbeat intervals means Stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<String>,
+    /// The definite error a relay stopped on (never secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod controller;
 pub mod crd;
+pub mod health;
 pub mod metrics;
 pub mod resources;
 pub mod validate;

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this operator replica leads.
     pub is_leader: Gauge,
+    /// Each relay's conditions (1 = True) as last computed.
+    pub relay_condition: Family<Labels, Gauge>,
+    /// Each relay's reported lag in seconds.
+    pub relay_lag: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -40,6 +44,8 @@ impl Default for Metrics {
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             is_leader: Gauge::default(),
+            relay_condition: Family::default(),
+            relay_lag: Family::default(),
         };
         r.register("reconciles", "Reconciles by outcome", m.reconciles.clone());
         r.register(
@@ -56,6 +62,16 @@ impl Default for Metrics {
             "is_leader",
             "1 while this replica leads",
             m.is_leader.clone(),
+        );
+        r.register(
+            "relay_condition",
+            "Conditions of each OutboxRelay (1 = True)",
+            m.relay_condition.clone(),
+        );
+        r.register(
+            "relay_lag_seconds",
+            "Lag each OutboxRelay's leader reported",
+            m.relay_lag.clone(),
         );
         Metrics {
             registry: Arc::new(r),
@@ -75,6 +91,31 @@ impl Metrics {
         self.failures
             .get_or_create(&vec![("reason".into(), reason.into())])
             .inc();
+    }
+
+    /// Mirrors one relay's conditions and lag.
+    pub fn relay(
+        &self,
+        namespace: &str,
+        name: &str,
+        conds: &[crate::health::Cond],
+        status: Option<&crate::crd::OutboxRelayStatus>,
+    ) {
+        let base = vec![
+            ("namespace".to_string(), namespace.to_string()),
+            ("name".to_string(), name.to_string()),
+        ];
+        for c in conds {
+            let mut l = base.clone();
+            l.push(("condition".into(), c.type_.into()));
+            self.relay_condition
+                .get_or_create(&l)
+                .set(i64::from(c.status));
+        }
+        let lag = status.and_then(|s| s.lag.as_ref()).map_or(0, |l| l.seconds);
+        self.relay_lag
+            .get_or_create(&base)
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     pub fn encode(&self) -> String {

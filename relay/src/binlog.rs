@@ -265,7 +265,7 @@ pub async fn head(conn: &mut Conn) -> Result<FilePos, SourceError> {
     Ok(FilePos { file, pos })
 }
 
-async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, SourceError> {
+pub async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, SourceError> {
     let rows: Vec<mysql_async::Row> = conn
         .query("SHOW BINARY LOGS")
         .await

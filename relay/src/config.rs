@@ -80,6 +80,8 @@ pub struct Config {
     #[serde(default)]
     pub election: ElectionConfig,
     #[serde(default)]
+    pub status: StatusConfig,
+    #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -342,6 +344,36 @@ fn default_retry_period() -> Duration {
     crate::election::Timing::default().retry_period
 }
 
+/// The relay's report (`/status`, and the OutboxRelay status when set).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// How often the report is refreshed (binlog head polled) and, while
+    /// leading, written into the OutboxRelay status.
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// The OutboxRelay whose status the leader writes (Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// Its namespace (default: `POD_NAMESPACE`, else the client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            interval: default_status_interval(),
+            resource: None,
+            namespace: None,
+        }
+    }
+}
+
+fn default_status_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -599,6 +631,9 @@ impl Config {
                 "election.lease_duration",
                 "must be at least 1s with mode = \"kubernetes\" (a Lease counts whole seconds)",
             ));
+        }
+        if self.status.interval < Duration::from_millis(100) {
+            return Err(invalid("status.interval", "must be at least 100ms"));
         }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(

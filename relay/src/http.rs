@@ -13,19 +13,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::pipeline::Health;
+use crate::status::Progress;
 
 #[derive(Clone)]
 struct AppState {
     metrics: Metrics,
     health: Arc<Health>,
+    progress: Arc<Progress>,
 }
 
-pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
+pub fn router(metrics: Metrics, health: Arc<Health>, progress: Arc<Progress>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { metrics, health })
+        .route("/status", get(status))
+        .with_state(AppState {
+            metrics,
+            health,
+            progress,
+        })
 }
 
 /// Serves until `shutdown`. Binding errors are returned at once.
@@ -33,10 +40,11 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = router(metrics, health);
+    let app = router(metrics, health, progress);
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -73,5 +81,13 @@ async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         s.metrics.encode(),
+    )
+}
+
+/// The relay's last report as JSON (see `status.rs`).
+async fn status(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&s.progress.latest()).unwrap_or_default(),
     )
 }

@@ -24,4 +24,6 @@ pub mod outbox;
 pub mod pipeline;
 pub mod position;
 #[cfg(feature = "relay")]
+pub mod status;
+#[cfg(feature = "relay")]
 pub mod telemetry;

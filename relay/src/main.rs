@@ -9,6 +9,7 @@ use tracing::info;
 use outbox_relay::config::Config;
 use outbox_relay::metrics::Metrics;
 use outbox_relay::pipeline::{self, Health};
+use outbox_relay::status::{Progress, Reporter};
 use outbox_relay::{http, telemetry};
 
 /// Streams committed outbox rows from the MySQL binlog to Kafka.
@@ -39,14 +40,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(name = %cfg.name, version = env!("CARGO_PKG_VERSION"), "outbox-relay starting");
     let metrics = Metrics::new();
     let health = Arc::new(Health::default());
+    let progress = Arc::new(Progress::default());
     let shutdown = CancellationToken::new();
     let addr = cfg.http.listen.parse().context("http.listen")?;
-    let server = http::serve(addr, metrics.clone(), health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
+    let server = http::serve(
+        addr,
+        metrics.clone(),
+        health.clone(),
+        progress.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
     let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
-    let result = pipeline::run(cfg, metrics, health, shutdown.clone()).await;
+    let reporter = Arc::new(Reporter::new(&cfg, progress.clone()).await);
+    let reporting = tokio::spawn({
+        let (r, cfg, m, s) = (
+            reporter.clone(),
+            cfg.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        async move { r.run(cfg, m, s).await }
+    });
+    let result = pipeline::run(cfg, metrics, health, progress, shutdown.clone()).await;
+    if result.is_err() {
+        // The last error reaches the OutboxRelay status before the exit.
+        reporter.push_final().await;
+    }
     shutdown.cancel();
+    let _ = reporting.await;
     signals.abort();
     let _ = server.await;
     result.map_err(anyhow::Error::from)

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// now − commit time of the last relayed transaction while behind; 0 when caught up.
     pub lag_seconds: Gauge<f64, AtomicU64>,
     pub epoch: Gauge,
+    /// Binlog bytes between the relayed position and the server's head.
+    pub lag_bytes: Gauge,
     /// 1 while this process leads (streams), 0 as a standby.
     pub is_leader: Gauge,
     /// Terms this process won.
@@ -69,6 +71,7 @@ impl Metrics {
             checkpoint_offset: Gauge::default(),
             lag_seconds: Gauge::default(),
             epoch: Gauge::default(),
+            lag_bytes: Gauge::default(),
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
             takeover_seconds: Gauge::default(),
@@ -122,10 +125,15 @@ impl Metrics {
         );
         r.register(
             "lag_seconds",
-            "now minus the commit time of the last relayed transaction while behind, 0 when caught up",
+            "now minus the commit time of the oldest transaction read but not yet acknowledged, 0 when caught up",
             m.lag_seconds.clone(),
         );
         r.register("epoch", "Leadership epoch of this relay", m.epoch.clone());
+        r.register(
+            "lag_bytes",
+            "Binlog bytes between the relayed position and the server's head (polled)",
+            m.lag_bytes.clone(),
+        );
         r.register(
             "is_leader",
             "1 while this process leads, 0 as a standby",

@@ -6,11 +6,11 @@
 //! when it reaches a commit marker every record before it is acknowledged,
 //! and only then may the checkpoint move there.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::DeliveryFuture;
 use tokio::sync::mpsc;
@@ -26,6 +26,7 @@ use crate::kafka::{self, Sent, Sink, SinkError};
 use crate::metrics::{label, Metrics};
 use crate::outbox::{BadRow, Record};
 use crate::position::Position;
+use crate::status::{Progress, Role};
 
 /// Why the relay stopped. Every variant is definite: transient failures are
 /// retried where they happen.
@@ -102,6 +103,7 @@ pub async fn run(
     cfg: Arc<Config>,
     metrics: Metrics,
     health: Arc<Health>,
+    progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
@@ -123,6 +125,7 @@ pub async fn run(
             // A standby holds no binlog connection; it reconnects on taking over.
             drop(conn);
             health.standby.store(true, Ordering::Relaxed);
+            progress.set_role(Role::Standby);
             let won = el.campaign(stored.epoch, &shutdown).await;
             health.standby.store(false, Ordering::Relaxed);
             let Some(lead) = won.map_err(|e| RelayError::Election(e.to_string()))? else {
@@ -138,20 +141,32 @@ pub async fn run(
     };
     metrics.is_leader.set(1);
     metrics.epoch.set(lead.epoch() as i64);
+    progress.set_leader(&leader_name(&cfg), lead.epoch());
     let outcome = lead_term(
-        &cfg, &metrics, &health, &shutdown, &store, conn, info, &lead,
+        &cfg, &metrics, &health, &progress, &shutdown, &store, conn, info, &lead,
     )
     .await;
     metrics.is_leader.set(0);
+    progress.set_role(Role::Stopped);
     if let Some(el) = &elector {
         // A standby takes over at once instead of waiting out the lease.
         el.release(&lead).await;
     }
     if let Err(e) = &outcome {
         health.failed.store(true, Ordering::Relaxed);
+        progress.set_error(&e.to_string());
         error!(error = %e, "relay stopped");
     }
     outcome
+}
+
+/// How the leader is named in the status: the pod, else the configured
+/// identity, else the host.
+fn leader_name(cfg: &Config) -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| cfg.election.identity.clone())
+        .unwrap_or_else(|| process_identity(None))
 }
 
 /// Connects to MySQL and runs the preflight checks (None on shutdown).
@@ -215,6 +230,7 @@ async fn lead_term(
     cfg: &Arc<Config>,
     metrics: &Metrics,
     health: &Health,
+    progress: &Arc<Progress>,
     shutdown: &CancellationToken,
     store: &CheckpointStore,
     mut conn: mysql_async::Conn,
@@ -241,6 +257,7 @@ async fn lead_term(
     };
     binlog::check_resume_point(&mut conn, &info, &start).await?;
     drop(conn);
+    progress.set_position(&start);
 
     if let Some(ct) = &cfg.kafka.create_topics {
         kafka::create_topics(&cfg.kafka, &ct.topics, ct.partitions).await?;
@@ -250,7 +267,6 @@ async fn lead_term(
     let shutdown = shutdown.clone();
     let metrics = metrics.clone();
 
-    let pending: Arc<Mutex<VecDeque<u32>>> = Arc::default();
     let (tx, rx) = mpsc::channel::<Inflight>(INFLIGHT);
     let acker = tokio::spawn(ack_loop(
         rx,
@@ -258,7 +274,7 @@ async fn lead_term(
         lead.clone(),
         cfg.redis.checkpoint_interval,
         metrics.clone(),
-        pending.clone(),
+        progress.clone(),
         shutdown.clone(),
     ));
     let mut acker = std::pin::pin!(acker);
@@ -318,7 +334,8 @@ async fn lead_term(
         let item = match ev {
             SourceEvent::Commit { position, .. } => {
                 open_rows = 0;
-                pending
+                progress
+                    .pending
                     .lock()
                     .expect("pending lock")
                     .push_back(position.commit_ts);
@@ -464,7 +481,7 @@ async fn ack_loop(
     lead: Arc<Leadership>,
     interval: Duration,
     metrics: Metrics,
-    pending: Arc<Mutex<VecDeque<u32>>>,
+    progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let mut acked: Option<Position> = None;
@@ -500,8 +517,9 @@ async fn ack_loop(
                     }
                 }
                 Some(Inflight::Commit(p)) => {
-                    pending.lock().expect("pending lock").pop_front();
+                    progress.pending.lock().expect("pending lock").pop_front();
                     for ((table, topic), (n, b)) in counts.drain() {
+                        progress.add_published(n, b);
                         let l = vec![("table".to_string(), table.to_string()), ("topic".to_string(), topic)];
                         metrics.events.get_or_create(&l).inc_by(n);
                         metrics.bytes.get_or_create(&label("table", &table)).inc_by(b);
@@ -512,7 +530,7 @@ async fn ack_loop(
                     acked = Some(p);
                     dirty = true;
                     if last_write.elapsed() >= interval {
-                        write(&store, &lead, acked.as_ref(), &metrics, &shutdown, false).await?;
+                        write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
                         dirty = false;
                         last_write = Instant::now();
                     }
@@ -520,16 +538,25 @@ async fn ack_loop(
             },
             _ = tick.tick() => {
                 if dirty {
-                    write(&store, &lead, acked.as_ref(), &metrics, &shutdown, false).await?;
+                    write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
                     dirty = false;
                     last_write = Instant::now();
                 }
             }
         }
-        update_lag(&metrics, &pending, acked.as_ref(), last_write);
+        update_checkpoint_age(&metrics, acked.as_ref(), last_write);
     }
     if dirty {
-        write(&store, &lead, acked.as_ref(), &metrics, &shutdown, true).await?;
+        write(
+            &store,
+            &lead,
+            &progress,
+            acked.as_ref(),
+            &metrics,
+            &shutdown,
+            true,
+        )
+        .await?;
     }
     if let Some(p) = &acked {
         info!(position = %p.short(), file = %p.file, "final checkpoint stored");
@@ -537,24 +564,9 @@ async fn ack_loop(
     Ok(())
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn update_lag(
-    metrics: &Metrics,
-    pending: &Mutex<VecDeque<u32>>,
-    acked: Option<&Position>,
-    last_write: Instant,
-) {
-    let oldest = pending.lock().expect("pending lock").front().copied();
-    let lag = match oldest {
-        Some(ts) if ts > 0 => now_secs().saturating_sub(ts as u64) as f64,
-        _ => 0.0,
-    };
-    metrics.lag_seconds.set(lag);
+/// The lag itself is measured by the status reporter (also while this loop
+/// waits on Kafka).
+fn update_checkpoint_age(metrics: &Metrics, acked: Option<&Position>, last_write: Instant) {
     metrics
         .checkpoint_age
         .set(last_write.elapsed().as_secs_f64());
@@ -570,6 +582,7 @@ fn update_lag(
 async fn write(
     store: &CheckpointStore,
     lead: &Leadership,
+    progress: &Progress,
     pos: Option<&Position>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
@@ -587,6 +600,7 @@ async fn write(
         }
         match store.save(epoch, pos).await {
             Ok(()) => {
+                progress.set_position(pos);
                 metrics.checkpoints.inc();
                 metrics.checkpoint_offset.set(pos.file.pos as i64);
                 return Ok(());

@@ -1,62 +1,9 @@
 //! Server restarts, preflight refusals, a purged resume point and bad rows,
 //! against private MariaDB instances where a test changes server state.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
-
-/// A MariaDB of the test's own (binlog on, users created) in `dir`.
-struct PrivateDb {
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl PrivateDb {
-    fn start(dir: &std::path::Path, extra: &[&str]) -> PrivateDb {
-        let port = free_port();
-        let db = PrivateDb {
-            dir: dir.join("mariadb"),
-            port,
-        };
-        db.run("start-mariadb", extra);
-        db
-    }
-
-    fn run(&self, verb: &str, extra: &[&str]) {
-        let out = Command::new(root().join("scripts/services.sh"))
-            .arg(verb)
-            .arg(&self.dir)
-            .args(if verb == "start-mariadb" {
-                vec![self.port.to_string()]
-            } else {
-                vec![]
-            })
-            .args(extra)
-            .output()
-            .expect("services.sh");
-        assert!(
-            out.status.success(),
-            "services.sh {verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn stop(&self) {
-        self.run("stop-dir", &[]);
-    }
-
-    fn restart(&self) {
-        self.stop();
-        self.run("start-mariadb", &[]);
-    }
-}
-
-impl Drop for PrivateDb {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn spec<'a>(name: &'a str, db: &'a str, port: u16, topic: &'a str) -> RelaySpec<'a> {
     RelaySpec {

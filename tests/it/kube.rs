@@ -137,13 +137,9 @@ fn config_hash(d: &Deployment) -> String {
         .unwrap_or_default()
 }
 
-/// The operator reconciles the samples on a real API server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_reconciles_the_samples_on_a_real_cluster() {
-    let Some(client) = cluster("operator_reconciles_the_samples_on_a_real_cluster").await else {
-        return;
-    };
-    // The generated CRD must be accepted (structural schema, CEL rules).
+/// Applies the generated CRD (the API server must accept its structural
+/// schema and CEL rules) and waits until it is established.
+async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition =
         serde_saphyr::from_str(&outbox_operator::crd_yaml().expect("crd yaml")).expect("crd");
@@ -155,6 +151,15 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
     .await
     .expect("CRD established in time")
     .expect("watch the CRD");
+}
+
+/// The operator reconciles the samples on a real API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_the_samples_on_a_real_cluster() {
+    let Some(client) = cluster("operator_reconciles_the_samples_on_a_real_cluster").await else {
+        return;
+    };
+    install_crd(&client).await;
 
     let ns = TestNamespace::create(&client, "obr-operator").await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
@@ -315,5 +320,153 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
         },
     )
     .await;
+    operator.abort();
+}
+
+fn condition(r: &OutboxRelay, t: &str) -> Option<(String, String)> {
+    r.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// What `kubectl get outboxrelays` prints: the server-side Table.
+async fn table(client: &Client, ns: &str) -> serde_json::Value {
+    let req = http::Request::get(format!(
+        "/apis/outboxrelay.dev/v1alpha1/namespaces/{ns}/outboxrelays"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .expect("request");
+    client.request(req).await.expect("table")
+}
+
+/// The operator in-process and two relay processes on the host: the status
+/// shows the leader, an advancing position and lag ≈ 0 under load; both
+/// relays killed → Stalled within two intervals; one restarted → Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_the_truth_on_a_real_cluster() {
+    let Some(client) = cluster("status_tells_the_truth_on_a_real_cluster").await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "obr-status").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    for s in sample::<Secret>("secrets.yaml") {
+        apply(&secrets, &s).await;
+    }
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let mut cr = sample::<OutboxRelay>("outboxrelay-minimal.yaml").remove(0);
+    cr.spec.heartbeat_interval = Some("1s".into());
+    apply(&relays, &cr).await;
+    let operator = tokio::spawn(outbox_operator::controller::run(
+        client.clone(),
+        Some(ns.name.clone()),
+        "outbox-relay:e2e".into(),
+        outbox_operator::metrics::Metrics::default(),
+    ));
+
+    let f = Fixture::new("kstatus", MYSQL_PORT, &["Order"], 3).await;
+    let extra = format!(
+        "[election]\nmode = \"kubernetes\"\nnamespace = \"{ns}\"\n\
+         [status]\ninterval = \"1s\"\nresource = \"orders\"\nnamespace = \"{ns}\"\n",
+        ns = ns.name
+    );
+    let mut spec = f.spec();
+    spec.extra = &extra;
+    let start = |f: &Fixture| {
+        let p = free_port();
+        Relay::start(&f.dir.0, &spec.toml(p), p, &[])
+    };
+    let mut a = start(&f);
+    let mut b = start(&f);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (f.db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                db.insert_txn(&[Ev::new("Order", &format!("o{}", n % 20), "{}")])
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Leader, advancing position, lag ≈ 0, Ready.
+    let first = wait_for("Ready with a leader", Duration::from_secs(90), || async {
+        let r = relays.get("orders").await.ok()?;
+        (condition(&r, "Ready") == Some(("True".into(), "Streaming".into()))).then_some(r)
+    })
+    .await;
+    let st = first.status.clone().expect("status");
+    assert!(st.leader.as_ref().is_some_and(|l| l.epoch >= 1), "{st:?}");
+    let pos0 = st.position.clone().expect("position").pos;
+    let later = wait_for(
+        "the position advancing",
+        Duration::from_secs(30),
+        || async {
+            let r = relays.get("orders").await.ok()?;
+            let s = r.status?;
+            (s.position.as_ref()?.pos > pos0).then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        later.lag.as_ref().is_some_and(|l| l.seconds <= 2),
+        "{later:?}"
+    );
+    let t = table(&client, &ns.name).await;
+    let columns: Vec<&str> = t["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Name", "Ready", "Leader", "Position", "Lag", "Age"]
+    );
+    let cells = &t["rows"][0]["cells"];
+    assert_eq!(cells[0], "orders");
+    assert_eq!(cells[1], "True");
+    assert!(cells[2].as_str().is_some_and(|l| !l.is_empty()), "{cells}");
+    assert!(cells[3].as_str().is_some_and(|p| !p.is_empty()), "{cells}");
+
+    // Every relay dead: Stalled within two intervals (+ the operator's reaction).
+    a.kill().await;
+    b.kill().await;
+    let killed = std::time::Instant::now();
+    wait_for(
+        "Stalled after the relays died",
+        Duration::from_secs(10),
+        || async {
+            let r = relays.get("orders").await.ok()?;
+            (condition(&r, "Stalled") == Some(("True".into(), "NoHeartbeat".into()))
+                && condition(&r, "Ready").is_some_and(|c| c.0 == "False"))
+            .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "Stalled shown {:?} after the last relay died",
+        killed.elapsed()
+    );
+
+    // One relay back: Ready again.
+    a = start(&f);
+    wait_for("Ready again", Duration::from_secs(60), || async {
+        let r = relays.get("orders").await.ok()?;
+        (condition(&r, "Ready") == Some(("True".into(), "Streaming".into()))
+            && condition(&r, "Stalled").is_some_and(|c| c.0 == "False"))
+        .then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.expect("writer");
+    assert!(a.terminate().await.success(), "{}", a.logs());
     operator.abort();
 }

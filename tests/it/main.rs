@@ -6,4 +6,5 @@ mod faults;
 mod kube;
 mod operator;
 mod relay;
+mod status;
 mod support;

@@ -109,3 +109,34 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
         .expect_err("unreachable");
     assert!(e.starts_with("redis:") && !e.contains("hunter2"), "{e}");
 }
+
+/// What the relay writes into the status is exactly what the CRD's status
+/// type holds (no field lost on the way), and none of it is the operator's.
+#[test]
+fn relay_status_fields_fit_the_crd_and_stay_off_the_operators() {
+    use outbox_operator::crd::OutboxRelayStatus;
+    use outbox_relay::position::{FilePos, Position};
+    use outbox_relay::status::{status_fields, Progress};
+
+    let p = Progress::default();
+    p.set_leader("orders-relay-0", 9);
+    p.set_position(&Position {
+        gtid: None,
+        file: FilePos {
+            file: "mysql-bin.000003".into(),
+            pos: 1234,
+        },
+        commit_ts: 1_800_000_000,
+    });
+    p.add_published(10, 999);
+    p.set_error("bad outbox row id=7");
+    let fields = status_fields(&p.snapshot());
+    let typed: OutboxRelayStatus = serde_json::from_value(fields.clone()).expect("fits");
+    assert_eq!(serde_json::to_value(&typed).expect("json"), fields);
+    assert!(typed.conditions.is_empty() && typed.observed_generation.is_none());
+    assert_eq!(typed.leader.expect("leader").epoch, 9);
+    assert_eq!(
+        typed.position.expect("position").short,
+        "mysql-bin.000003:1234"
+    );
+}

@@ -571,15 +571,26 @@ impl Rec {
 /// `at_least` records are read, then until no new record came for a second
 /// (tansu's high watermarks lag behind its data, so they cannot tell the end).
 pub async fn read_topics(topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
+    read_topics_from(BROKER, topics, at_least, within).await
+}
+
+/// `read_topics` from the broker at `broker`.
+pub async fn read_topics_from(
+    broker: &str,
+    topics: &[String],
+    at_least: usize,
+    within: Duration,
+) -> Vec<Rec> {
     let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || read_blocking(&topics, at_least, within))
+    let broker = broker.to_owned();
+    tokio::task::spawn_blocking(move || read_blocking(&broker, &topics, at_least, within))
         .await
         .expect("reader thread")
 }
 
-fn consumer_for_read() -> BaseConsumer {
+fn consumer_for_read(broker: &str) -> BaseConsumer {
     ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
+        .set("bootstrap.servers", broker)
         .set("group.id", format!("test-{}", unique()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -588,8 +599,8 @@ fn consumer_for_read() -> BaseConsumer {
         .expect("consumer")
 }
 
-fn read_blocking(topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
-    let probe = consumer_for_read();
+fn read_blocking(broker: &str, topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
+    let probe = consumer_for_read(broker);
     let deadline = Instant::now() + within;
     let mut consumers = Vec::new();
     for t in topics {
@@ -599,7 +610,7 @@ fn read_blocking(topics: &[String], at_least: usize, within: Duration) -> Vec<Re
         for p in md.topics().iter().flat_map(|mt| mt.partitions()) {
             // One consumer per partition: tansu answers a multi-partition
             // fetch for one partition only.
-            let c = consumer_for_read();
+            let c = consumer_for_read(broker);
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(t, p.id(), Offset::Offset(0))
                 .expect("assign offset");
@@ -767,4 +778,101 @@ pub fn check(rows: &[(u64, Option<String>)], recs: &[Rec]) -> Report {
         }
     }
     report
+}
+
+/// A MariaDB of the test's own (binlog on, users created) in `dir`.
+pub struct PrivateDb {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PrivateDb {
+    pub fn start(dir: &std::path::Path, extra: &[&str]) -> PrivateDb {
+        let port = free_port();
+        let db = PrivateDb {
+            dir: dir.join("mariadb"),
+            port,
+        };
+        db.run("start-mariadb", extra);
+        db
+    }
+
+    pub fn run(&self, verb: &str, extra: &[&str]) {
+        let dir = self.dir.to_string_lossy();
+        let port = self.port.to_string();
+        let mut args = vec![verb, &dir];
+        if verb == "start-mariadb" {
+            args.push(&port);
+        }
+        args.extend_from_slice(extra);
+        services_sh(&args);
+    }
+
+    pub fn stop(&self) {
+        self.run("stop-dir", &[]);
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.run("start-mariadb", &[]);
+    }
+}
+
+impl Drop for PrivateDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tansu broker of the test's own with durable (sqlite) storage, so it can
+/// be stopped and started again without losing records.
+pub struct PrivateBroker {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivateBroker {
+    pub fn start(dir: &Path) -> PrivateBroker {
+        let b = PrivateBroker {
+            dir: dir.join("broker"),
+            port: free_port(),
+        };
+        b.up();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn up(&self) {
+        services_sh(&[
+            "start-broker",
+            &self.dir.to_string_lossy(),
+            &self.port.to_string(),
+            "sqlite",
+        ]);
+    }
+
+    pub fn down(&self) {
+        services_sh(&["stop-dir", &self.dir.to_string_lossy()]);
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn services_sh(args: &[&str]) {
+    let out = Command::new(root().join("scripts/services.sh"))
+        .args(args)
+        .output()
+        .expect("services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

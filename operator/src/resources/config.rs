@@ -31,6 +31,7 @@ struct File<'a> {
     kafka: Kafka<'a>,
     redis: Redis<'a>,
     election: Election,
+    status: Status<'a>,
     http: Http,
     log: Log<'a>,
 }
@@ -87,6 +88,13 @@ struct Election {
     mode: &'static str,
     lease_name: String,
     namespace: String,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    interval: &'a str,
+    resource: &'a str,
+    namespace: &'a str,
 }
 
 #[derive(Serialize)]
@@ -174,6 +182,12 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             lease_name: lease_name(r),
             namespace: r.namespace.clone(),
         },
+        // The leader reports into this resource's status.
+        status: Status {
+            interval: s.heartbeat_interval.as_deref().unwrap_or("5s"),
+            resource: &r.name,
+            namespace: &r.namespace,
+        },
         http: Http {
             listen: format!("0.0.0.0:{HTTP_PORT}"),
         },
@@ -218,6 +232,12 @@ mod tests {
         assert!(toml.contains("format = \"json\""), "{toml}");
         assert!(
             toml.contains("[election]\nmode = \"kubernetes\"\nlease_name = \"orders-relay-leader\"\nnamespace = \"shop\""),
+            "{toml}"
+        );
+        assert!(
+            toml.contains(
+                "[status]\ninterval = \"5s\"\nresource = \"orders\"\nnamespace = \"shop\""
+            ),
             "{toml}"
         );
         for secret_ref in ["mysql-relay", "kafka-user", "sasl.password", "password"] {

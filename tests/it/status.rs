@@ -1,0 +1,105 @@
+//! The relay's own report (`/status`) against real servers: lag in seconds
+//! grows while the broker is down and returns to 0 after it is back; bytes
+//! behind match the server's head within one poll. A private MariaDB (no
+//! other writers, so the head is exact) and a private durable broker.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn status(relay: &Relay) -> Option<Value> {
+    let (code, body) = http_get(relay.http_port, "/status").await?;
+    (code == 200).then(|| serde_json::from_str(&body).expect("status json"))
+}
+
+/// Polls `/status` until `ok` holds for it.
+async fn status_until(relay: &Relay, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    wait_for(what, Duration::from_secs(60), || async {
+        status(relay).await.filter(|s| ok(s))
+    })
+    .await
+}
+
+fn lag(s: &Value) -> (u64, Option<u64>) {
+    (
+        s["lag"]["seconds"].as_u64().unwrap_or(u64::MAX),
+        s["lag"]["bytes"].as_u64(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
+    services();
+    let scratch = Scratch::new("lag-servers");
+    let server = PrivateDb::start(&scratch.0, &[]);
+    let broker = PrivateBroker::start(&scratch.0);
+    let f = Fixture::new("lag", server.port, &["Order"], 1).await;
+    let create = format!(
+        "create_topics = {{ topics = [\"{}\"], partitions = 1 }}",
+        f.topics[0]
+    );
+    let spec = RelaySpec {
+        extra_kafka: &create,
+        extra: "[status]\ninterval = \"500ms\"\n",
+        ..f.spec()
+    };
+    let port = free_port();
+    let addr = broker.addr();
+    let mut relay = Relay::start(
+        &f.dir.0,
+        &spec.toml(port),
+        port,
+        &[("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS", addr.as_str())],
+    );
+    relay.wait_ready().await;
+    for i in 0..5 {
+        f.db.insert_txn(&[Ev::new("Order", &format!("o{i}"), "{}")])
+            .await;
+    }
+    // Caught up: no lag, and the position is the server's head exactly.
+    let head = f.db.head().await;
+    let s = status_until(&relay, "caught up", |s| {
+        lag(s) == (0, Some(0)) && s["position"]["pos"].as_u64() == Some(head.1)
+    })
+    .await;
+    assert_eq!(s["role"], "leader");
+    assert_eq!(s["head"]["file"], head.0.as_str());
+    assert!(s["events"].as_u64() >= Some(5), "{s}");
+
+    // Broker down: the relay reads on, nothing is acknowledged, lag grows.
+    broker.down();
+    for i in 0..10 {
+        f.db.insert_txn(&[Ev::new("Order", &format!("p{i}"), "{}")])
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let head = f.db.head().await;
+    let first = status_until(&relay, "lag of at least 3 s", |s| lag(s).0 >= 3).await;
+    let later = status_until(&relay, "a growing lag", |s| lag(s).0 > lag(&first).0).await;
+    // Bytes behind = head − relayed position, within one poll (500 ms).
+    let s = status_until(&relay, "bytes behind the head", |s| {
+        s["head"]["pos"].as_u64() == Some(head.1)
+    })
+    .await;
+    let pos = s["position"]["pos"].as_u64().expect("position");
+    assert!(pos < head.1, "{s}");
+    assert_eq!(lag(&s).1, Some(head.1 - pos), "{s}");
+    println!(
+        "broker down: lag {}s then {}s, {} bytes behind",
+        lag(&first).0,
+        lag(&later).0,
+        head.1 - pos
+    );
+
+    // Broker back: everything is delivered and the lag returns to 0.
+    broker.up();
+    status_until(&relay, "caught up again", |s| lag(s) == (0, Some(0))).await;
+    let rows = f.db.rows().await;
+    let recs = read_topics_from(&addr, &f.topics, rows.len(), Duration::from_secs(60)).await;
+    let report = check(&rows, &recs);
+    println!("after the broker outage: {report:?}");
+    report.assert_complete();
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+}
