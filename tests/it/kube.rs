@@ -526,9 +526,18 @@ async fn helm_install_gitops_and_uninstall_on_a_real_cluster() {
     kubectl(&["diff", "--server-side", "-f", "config/samples/"])
         .unwrap_or_else(|d| panic!("a second apply would change the samples: {d}"));
     // The rendered chart applied twice by a GitOps tool: no diff after.
-    let rendered =
-        run(Command::new(&helm).args(["template", &release, chart, "--namespace", &ns.name]))
-            .expect("helm template");
+    // (Without the CRD, which helm installed: this test's cleanup must not
+    // delete it under other OutboxRelays.)
+    let rendered = run(Command::new(&helm).args([
+        "template",
+        &release,
+        chart,
+        "--namespace",
+        &ns.name,
+        "--set",
+        "crd.install=false",
+    ]))
+    .expect("helm template");
     let file = std::env::temp_dir().join(format!("{release}.yaml"));
     std::fs::write(&file, rendered).expect("write rendered chart");
     let file = file.to_string_lossy().into_owned();
