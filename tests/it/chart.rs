@@ -375,3 +375,57 @@ fn dockerfile_has_the_expected_stages_user_and_entrypoints() {
         "{build} vs {rustc}"
     );
 }
+
+/// Every field of the OutboxRelay spec (down to three levels; the standard
+/// Kubernetes types only by name) is in README's reference table.
+#[test]
+fn readme_reference_lists_every_crd_field() {
+    const STANDARD: [&str; 4] = ["affinity", "tolerations", "resources", "nodeSelector"];
+    fn walk(path: &str, node: &Value, depth: usize, out: &mut Vec<String>) {
+        let props = if node["type"] == "array" {
+            &node["items"]["properties"]
+        } else {
+            &node["properties"]
+        };
+        let Some(props) = props.as_object() else {
+            return;
+        };
+        if depth >= 3 {
+            return;
+        }
+        for (k, v) in props {
+            let p = format!("{path}.{k}");
+            if !STANDARD.contains(&k.as_str())
+                && !(path.ends_with("Secret")
+                    || k == "columns"
+                    || k == "topicMap"
+                    || k == "properties"
+                    || k == "secretProperties"
+                    || k == "podAnnotations"
+                    || k == "podLabels")
+            {
+                walk(&p, v, depth + 1, out);
+            }
+            out.push(p);
+        }
+    }
+    let crd: Value =
+        serde_saphyr::from_str(&outbox_operator::crd_yaml().expect("crd")).expect("yaml");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut fields = Vec::new();
+    walk("spec", spec, 0, &mut fields);
+    assert!(fields.len() > 30, "{fields:?}");
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let missing: Vec<&String> = fields
+        .iter()
+        .filter(|f| !readme.contains(&format!("`{f}`")))
+        .filter(|f| {
+            // A parent listed through its children (`spec.mysql` via `spec.mysql.host`).
+            !readme.contains(&format!("`{f}."))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README's OutboxRelay reference misses {missing:?}"
+    );
+}
