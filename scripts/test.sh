@@ -10,4 +10,7 @@ scripts/services.sh start
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet
+if [ -z "${KUBECONFIG:-}" ]; then
+  echo "test.sh: KUBECONFIG is not set: the end-to-end tests against a Kubernetes API server (tests/it/kube.rs) are SKIPPED" >&2
+fi
 cargo test --workspace
