@@ -14,3 +14,5 @@ if [ -z "${KUBECONFIG:-}" ]; then
   echo "test.sh: KUBECONFIG is not set: the end-to-end tests against a Kubernetes API server (tests/it/kube.rs) are SKIPPED" >&2
 fi
 cargo test --workspace
+# The benchmark's smoke version (debug build, 5,000 rows, no targets), so it cannot rot.
+cargo test -p outbox-tests --bench relay

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
@@ -39,6 +40,8 @@ pub struct Metrics {
     pub epoch: Gauge,
     /// Binlog bytes between the relayed position and the server's head.
     pub lag_bytes: Gauge,
+    /// Seconds from reading a row in the binlog to Kafka's acknowledgement.
+    pub ack_latency: Histogram,
     /// 1 while this process leads (streams), 0 as a standby.
     pub is_leader: Gauge,
     /// Terms this process won.
@@ -72,6 +75,7 @@ impl Metrics {
             lag_seconds: Gauge::default(),
             epoch: Gauge::default(),
             lag_bytes: Gauge::default(),
+            ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
             takeover_seconds: Gauge::default(),
@@ -129,6 +133,11 @@ impl Metrics {
             m.lag_seconds.clone(),
         );
         r.register("epoch", "Leadership epoch of this relay", m.epoch.clone());
+        r.register(
+            "ack_latency_seconds",
+            "From reading a row in the binlog to Kafka's acknowledgement of its record",
+            m.ack_latency.clone(),
+        );
         r.register(
             "lag_bytes",
             "Binlog bytes between the relayed position and the server's head (polled)",

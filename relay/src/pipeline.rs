@@ -84,6 +84,8 @@ enum Inflight {
         id: String,
         bytes: u64,
         dead_letter: bool,
+        /// When the row was read from the binlog.
+        read_at: Instant,
     },
     Commit(Position),
 }
@@ -470,6 +472,7 @@ fn delivery(fut: DeliveryFuture, table: Arc<str>, rec: Record, dead_letter: bool
         topic: rec.topic,
         id: rec.id,
         dead_letter,
+        read_at: Instant::now(),
     }
 }
 
@@ -496,9 +499,10 @@ async fn ack_loop(
         tokio::select! {
             item = rx.recv() => match item {
                 None => break,
-                Some(Inflight::Delivery { fut, table, topic, id, bytes, dead_letter }) => {
+                Some(Inflight::Delivery { fut, table, topic, id, bytes, dead_letter, read_at }) => {
                     match fut.await {
                         Ok(Ok(_)) => {
+                            metrics.ack_latency.observe(read_at.elapsed().as_secs_f64());
                             if dead_letter {
                                 *dead.entry(table).or_default() += 1;
                             } else {

@@ -310,6 +310,12 @@ pub fn relay_bin() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // The benchmark (release profile) runs the release binary.
+        let profile: &[&str] = if cfg!(debug_assertions) {
+            &[]
+        } else {
+            &["--release"]
+        };
         let status = Command::new(cargo)
             .args([
                 "build",
@@ -319,6 +325,7 @@ pub fn relay_bin() -> PathBuf {
                 "--bin",
                 "outbox-relay",
             ])
+            .args(profile)
             .current_dir(root())
             .status()
             .expect("run cargo build");

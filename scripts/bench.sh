@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The relay benchmark: starts the services (installing what is missing),
+# builds the release binaries and prints one table (min/median/max over 3
+# repetitions); the CSV goes to target/bench/results.csv. Knobs (env):
+# BENCH_ROWS (200000), BENCH_REPS (3), BENCH_RATE (2000 rows/s),
+# BENCH_LATENCY_SECS (30). The failover row comes from the last run of the
+# election tests (scripts/test.sh).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/services.sh start
+cargo build --release --locked --quiet --bin outbox-relay --bin outbox-operator
+cargo bench -p outbox-tests --bench relay
