@@ -47,6 +47,10 @@ install_all() {
   if ! command -v curl >/dev/null 2>&1; then
     apt_install curl ca-certificates
   fi
+  # The TLS tests make their own CA and certificates.
+  if ! command -v openssl >/dev/null 2>&1; then
+    apt_install openssl
+  fi
   if ! tansu_ok; then
     # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
     # data survives a broker restart like a real Kafka. Skipped when present.
@@ -119,7 +123,7 @@ start_mariadb() { # dir port [args]
 CREATE USER IF NOT EXISTS 'relay'@'%' IDENTIFIED BY 'relay-password';
 GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT ON *.* TO 'relay'@'%';
 CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY 'app-password';
-GRANT ALL ON *.* TO 'app'@'%';
+GRANT ALL ON *.* TO 'app'@'%' WITH GRANT OPTION;
 SQL
   log "MariaDB on 127.0.0.1:$port (data in $dir)"
 }

@@ -15,18 +15,40 @@ pub enum CheckpointError {
     /// Redis unreachable or failing: retry.
     #[error("redis: {0}")]
     Unavailable(String),
+    /// Redis refused the relay for good: wrong password, or a TLS
+    /// certificate it cannot verify. Retrying cannot help.
+    #[error("redis refused the connection: {0}")]
+    Refused(String),
     /// A newer leader wrote the checkpoint: this writer must stop.
     #[error("checkpoint write refused: epoch {ours} is older than the stored epoch {stored}; another relay leads now")]
     Fenced { ours: u64, stored: u64 },
     #[error("stored checkpoint at {key} is unreadable: {message}")]
     Corrupt { key: String, message: String },
-    #[error("redis.url: {0}")]
+    #[error("{0}")]
     Config(String),
 }
 
 fn unavailable(e: redis::RedisError) -> CheckpointError {
     // RedisError's text carries no credentials (the URL is not in it).
-    CheckpointError::Unavailable(e.to_string())
+    let text = e.to_string();
+    let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"));
+    // A TLS handshake failure (native-tls) comes back as a client error.
+    let tls = e.kind() == redis::ErrorKind::Client
+        && ["certificate", "handshake", "ssl", "tls"]
+            .iter()
+            .any(|w| text.to_ascii_lowercase().contains(w));
+    if auth {
+        CheckpointError::Refused(format!(
+            "{text} (check the password in OUTBOX_RELAY_REDIS_PASSWORD or redis.password_file)"
+        ))
+    } else if tls {
+        CheckpointError::Refused(format!(
+            "{text} (TLS: check redis.ca_file against the server's certificate)"
+        ))
+    } else {
+        CheckpointError::Unavailable(text)
+    }
 }
 
 /// KEYS[1] checkpoint hash; ARGV epoch, position JSON, updated-at millis.
@@ -79,7 +101,7 @@ impl CheckpointStore {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|e| CheckpointError::Config(e.to_string()))?;
+            .map_err(|e| CheckpointError::Config(format!("redis.url: {e}")))?;
         if !cfg.password.is_empty() {
             let settings = info
                 .redis_settings()
@@ -87,8 +109,25 @@ impl CheckpointStore {
                 .set_password(cfg.password.expose());
             info = info.set_redis_settings(settings);
         }
-        let client =
-            redis::Client::open(info).map_err(|e| CheckpointError::Config(e.to_string()))?;
+        let client = match &cfg.ca_file {
+            Some(path) => {
+                let ca = std::fs::read(path).map_err(|e| {
+                    CheckpointError::Config(format!(
+                        "redis.ca_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                };
+                redis::Client::build_with_tls(info, certs)
+                    .map_err(|e| CheckpointError::Config(format!("redis.ca_file: {e}")))?
+            }
+            None => {
+                redis::Client::open(info).map_err(|e| CheckpointError::Config(e.to_string()))?
+            }
+        };
         let mcfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))

@@ -253,6 +253,10 @@ pub struct RedisConfig {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// PEM CA bundle that signed the server's certificate (`rediss://`);
+    /// default: the system's trusted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// Longest time an acknowledged commit waits before its checkpoint write.
@@ -606,6 +610,12 @@ impl Config {
             return Err(invalid(
                 "redis.url",
                 "must start with redis:// or rediss://",
+            ));
+        }
+        if self.redis.ca_file.is_some() && !self.redis.url.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.ca_file",
+                "is only used with TLS: the url must start with rediss://",
             ));
         }
         if url_has_password(&self.redis.url) {

@@ -22,12 +22,19 @@ pub enum SinkError {
     Rejected { id: String, message: String },
     #[error("kafka: {0}")]
     Failed(String),
+    /// The broker did not answer: retried.
+    #[error("kafka: {0}")]
+    Unavailable(String),
 }
 
 /// Properties the relay sets; the guarantee-critical ones cannot be overridden.
 const DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
+    // A record that fails for good must not be followed by later records of
+    // its partition: the producer stops instead, the relay restarts the
+    // stream at the last acknowledged commit, and per-key order holds.
+    ("enable.gapless.guarantee", "true"),
     // Never drop a record on a timeout: a broker outage blocks (backpressure).
     ("message.timeout.ms", "0"),
     // Java-compatible key → partition hashing.
@@ -144,6 +151,35 @@ impl Sink {
     }
 }
 
+/// Delivery failures that sending again cannot fix: the record itself, the
+/// topic, or the relay's rights. Any other failure (a broker shutting down
+/// under a request, a producer fenced or reset) is retried by restarting the
+/// stream at the last acknowledged commit with a new producer.
+pub fn is_definite(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::InvalidTopic
+                | C::UnknownTopic
+                | C::UnknownPartition
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+                | C::PolicyViolation
+                | C::UnsupportedForMessageFormat
+                | C::InvalidRequiredAcks
+        )
+    )
+}
+
 /// The dead-letter record of a bad row: its key and payload as far as known,
 /// the reason and the source position in headers. A payload that would make
 /// the record larger than `max_bytes` is left out (header
@@ -203,7 +239,7 @@ pub async fn create_topics(
     let results = admin
         .create_topics(&new, &opts)
         .await
-        .map_err(|e| SinkError::Failed(format!("creating topics: {e}")))?;
+        .map_err(|e| SinkError::Unavailable(format!("creating topics: {e}")))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -249,6 +285,29 @@ mod tests {
         assert_eq!(cc.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(cc.get("sasl.password"), Some("pw"));
         assert_eq!(cc.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
+
+    #[test]
+    fn delivery_errors_split_into_definite_and_retried() {
+        let e = |c| KafkaError::MessageProduction(c);
+        for c in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopic,
+        ] {
+            assert!(is_definite(&e(c)), "{c:?}");
+        }
+        // A broker answering "unknown error" while it shuts down, a fenced
+        // idempotent producer, a purge: start again from the last commit.
+        for c in [
+            RDKafkaErrorCode::Unknown,
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+            RDKafkaErrorCode::PurgeInflight,
+            RDKafkaErrorCode::NotEnoughReplicas,
+        ] {
+            assert!(!is_definite(&e(c)), "{c:?}");
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Metrics {
     /// Errors by kind: mysql, kafka, redis, bad_row, fenced.
     pub errors: Family<Labels, Counter>,
     pub reconnects: Counter,
+    /// Streams restarted at the last acknowledged commit after Kafka
+    /// failed a record with an error that sending again may fix.
+    pub stream_restarts: Counter,
     pub checkpoints: Counter,
     /// 1 while the binlog stream is open.
     pub streaming: Gauge,
@@ -48,6 +51,9 @@ pub struct Metrics {
     pub leadership_changes: Counter,
     /// Seconds from winning the term to streaming (resume, preflight, producer).
     pub takeover_seconds: Gauge<f64, AtomicU64>,
+    /// Age of the stored checkpoint this term resumed from: records an
+    /// earlier run sent after it are sent again.
+    pub resumed_checkpoint_age: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -67,6 +73,7 @@ impl Metrics {
             ignored: Family::default(),
             errors: Family::default(),
             reconnects: Counter::default(),
+            stream_restarts: Counter::default(),
             checkpoints: Counter::default(),
             streaming: Gauge::default(),
             checkpoint_age: Gauge::default(),
@@ -79,6 +86,7 @@ impl Metrics {
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
             takeover_seconds: Gauge::default(),
+            resumed_checkpoint_age: Gauge::default(),
         };
         r.register("events", "Records acknowledged by Kafka", m.events.clone());
         r.register(
@@ -101,6 +109,11 @@ impl Metrics {
             "reconnects",
             "Binlog stream reconnects",
             m.reconnects.clone(),
+        );
+        r.register(
+            "stream_restarts",
+            "Streams restarted at the last acknowledged commit after Kafka failed a record (retriable)",
+            m.stream_restarts.clone(),
         );
         r.register(
             "checkpoints",
@@ -157,6 +170,11 @@ impl Metrics {
             "takeover_seconds",
             "Seconds from winning leadership to streaming",
             m.takeover_seconds.clone(),
+        );
+        r.register(
+            "resumed_checkpoint_age_seconds",
+            "Age of the stored checkpoint the current term resumed from (what an earlier run sent after it is sent again)",
+            m.resumed_checkpoint_age.clone(),
         );
         Metrics {
             registry: Arc::new(r),

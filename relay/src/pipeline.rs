@@ -62,6 +62,9 @@ pub enum RelayError {
         id: String,
         topic: String,
         message: String,
+        /// Sending again may succeed (see `kafka::is_definite`): the term
+        /// restarts its stream instead of stopping.
+        transient: bool,
     },
 }
 
@@ -108,6 +111,24 @@ pub async fn run(
     progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
+    let outcome = run_relay(cfg, metrics, health.clone(), progress.clone(), shutdown).await;
+    // Every definite error — preflight, Redis refusing the relay, a bad row,
+    // fencing — reaches the log, /healthz and the reported `lastError`.
+    if let Err(e) = &outcome {
+        health.failed.store(true, Ordering::Relaxed);
+        progress.set_error(&e.to_string());
+        error!(error = %e, "relay stopped");
+    }
+    outcome
+}
+
+async fn run_relay(
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    progress: Arc<Progress>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
     let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
         return Ok(());
     };
@@ -144,20 +165,56 @@ pub async fn run(
     metrics.is_leader.set(1);
     metrics.epoch.set(lead.epoch() as i64);
     progress.set_leader(&leader_name(&cfg), lead.epoch());
-    let outcome = lead_term(
-        &cfg, &metrics, &health, &progress, &shutdown, &store, conn, info, &lead,
-    )
-    .await;
+    if let Some(ct) = &cfg.kafka.create_topics {
+        let created = retry("create the configured topics", &shutdown, || {
+            kafka::create_topics(&cfg.kafka, &ct.topics, ct.partitions)
+        })
+        .await;
+        match created {
+            Ok(Some(())) => {}
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut opened = Some((conn, info));
+    let mut backoff = Duration::from_millis(500);
+    let outcome = loop {
+        let (conn, info) = match opened.take() {
+            Some(c) => c,
+            None => match open_mysql(&cfg, &shutdown).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            },
+        };
+        match lead_term(
+            &cfg, &metrics, &health, &progress, &shutdown, &store, conn, info, &lead,
+        )
+        .await
+        {
+            Err(
+                e @ RelayError::Delivery {
+                    transient: true, ..
+                },
+            ) if lead.is_valid() && !shutdown.is_cancelled() => {
+                warn!(error = %e, retry_in = ?backoff,
+                    "restarting the stream at the last acknowledged commit with a new producer");
+                metrics.stream_restarts.inc();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = lead.lost().cancelled() => break Err(RelayError::LostLeadership { epoch: lead.epoch() }),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            other => break other,
+        }
+    };
     metrics.is_leader.set(0);
     progress.set_role(Role::Stopped);
     if let Some(el) = &elector {
         // A standby takes over at once instead of waiting out the lease.
         el.release(&lead).await;
-    }
-    if let Err(e) = &outcome {
-        health.failed.store(true, Ordering::Relaxed);
-        progress.set_error(&e.to_string());
-        error!(error = %e, "relay stopped");
     }
     outcome
 }
@@ -240,6 +297,9 @@ async fn lead_term(
     lead: &Arc<Leadership>,
 ) -> Result<(), RelayError> {
     let epoch = lead.epoch();
+    // What a previous stream of this process read but never got
+    // acknowledged is read again by this one.
+    progress.restart_stream();
     // Claim the term: from now on an older writer is refused. Then read the
     // checkpoint, which includes everything an older writer saved before.
     store.fence(epoch).await?;
@@ -248,7 +308,13 @@ async fn lead_term(
     };
     let start = match stored.position {
         Some(p) => {
-            info!(position = %p.short(), file = %p.file, key = store.key(), epoch, "resuming from the stored checkpoint");
+            // What was sent after this checkpoint by an earlier run that did
+            // not stop gracefully is sent again (at-least-once): its age
+            // bounds that tail.
+            let age = now_ms().saturating_sub(stored.updated_ms) as f64 / 1000.0;
+            metrics.resumed_checkpoint_age.set(age);
+            info!(position = %p.short(), file = %p.file, key = store.key(), epoch, checkpoint_age_seconds = age,
+                "resuming from the stored checkpoint; records an earlier run sent after it are sent again");
             p
         }
         None => {
@@ -261,9 +327,6 @@ async fn lead_term(
     drop(conn);
     progress.set_position(&start);
 
-    if let Some(ct) = &cfg.kafka.create_topics {
-        kafka::create_topics(&cfg.kafka, &ct.topics, ct.partitions).await?;
-    }
     let sink = Sink::new(&cfg.kafka)?;
     let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
     let shutdown = shutdown.clone();
@@ -336,11 +399,7 @@ async fn lead_term(
         let item = match ev {
             SourceEvent::Commit { position, .. } => {
                 open_rows = 0;
-                progress
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .push_back(position.commit_ts);
+                progress.read_commit(position.commit_ts);
                 Inflight::Commit(position)
             }
             SourceEvent::Row {
@@ -513,15 +572,24 @@ async fn ack_loop(
                         }
                         Ok(Err((e, _))) => {
                             metrics.errors.get_or_create(&label("kind", "kafka")).inc();
-                            return Err(RelayError::Delivery { id, topic, message: e.to_string() });
+                            // Everything before the last commit marker is
+                            // acknowledged: store it, so what follows is all
+                            // that is sent again.
+                            if dirty {
+                                if let Err(w) = write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, true).await {
+                                    warn!(error = %w, "cannot store the last acknowledged commit");
+                                }
+                            }
+                            let transient = !kafka::is_definite(&e);
+                            return Err(RelayError::Delivery { id, topic, message: e.to_string(), transient });
                         }
                         Err(_) => {
-                            return Err(RelayError::Delivery { id, topic, message: "the producer was dropped".into() });
+                            return Err(RelayError::Delivery { id, topic, message: "the producer was dropped".into(), transient: false });
                         }
                     }
                 }
                 Some(Inflight::Commit(p)) => {
-                    progress.pending.lock().expect("pending lock").pop_front();
+                    progress.acked_commit();
                     for ((table, topic), (n, b)) in counts.drain() {
                         progress.add_published(n, b);
                         let l = vec![("table".to_string(), table.to_string()), ("topic".to_string(), topic)];
@@ -619,7 +687,7 @@ async fn write(
                     ))
                     .into());
                 }
-                warn!(error = %e, retry_in = ?backoff, "checkpoint write failed; pausing until Redis answers");
+                warn!(error = %e, retry_in = ?backoff, held = %pos.short(), "checkpoint write failed; holding the checkpoint in memory until Redis answers (reading pauses once {INFLIGHT} records are in flight)");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -633,6 +701,12 @@ async fn write(
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Errors that say whether retrying may help.
 trait Transient: std::fmt::Display {
     fn is_transient(&self) -> bool;
@@ -641,6 +715,12 @@ trait Transient: std::fmt::Display {
 impl Transient for SourceError {
     fn is_transient(&self) -> bool {
         SourceError::is_transient(self)
+    }
+}
+
+impl Transient for SinkError {
+    fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Unavailable(_))
     }
 }
 

@@ -89,6 +89,15 @@ pub struct Report {
 }
 
 #[derive(Default)]
+struct Pending {
+    commits: VecDeque<u32>,
+    /// The oldest unacknowledged commit of a stream that was restarted: it
+    /// is read again, and holds the lag up until the new stream acknowledges
+    /// its first commit.
+    held: Option<u32>,
+}
+
+#[derive(Default)]
 struct State {
     role: Role,
     leader: Option<LeaderReport>,
@@ -106,7 +115,7 @@ struct State {
 pub struct Progress {
     state: Mutex<State>,
     /// Commit times of transactions read but not yet acknowledged, oldest first.
-    pub pending: Mutex<VecDeque<u32>>,
+    pending: Mutex<Pending>,
     changed: Notify,
 }
 
@@ -160,10 +169,37 @@ impl Progress {
         s.role = Role::Stopped;
     }
 
+    /// The reader passed the commit of a transaction (committed at `ts`).
+    pub fn read_commit(&self, ts: u32) {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .commits
+            .push_back(ts);
+    }
+
+    /// Kafka acknowledged everything up to the oldest commit read.
+    pub fn acked_commit(&self) {
+        let mut p = self.pending.lock().expect("pending lock");
+        p.commits.pop_front();
+        p.held = None;
+    }
+
+    /// A new stream starts at the last acknowledged commit: what the old
+    /// one read but never got acknowledged is read again, and the oldest of
+    /// it keeps counting in the lag meanwhile.
+    pub fn restart_stream(&self) {
+        let mut p = self.pending.lock().expect("pending lock");
+        let oldest = p.held.or(p.commits.front().copied());
+        p.commits.clear();
+        p.held = oldest;
+    }
+
     /// Seconds behind: now − the oldest unacknowledged commit, 0 when none.
     pub fn lag_seconds(&self) -> u64 {
-        match self.pending.lock().expect("pending lock").front() {
-            Some(&ts) if ts > 0 => now_secs().saturating_sub(ts as u64),
+        let p = self.pending.lock().expect("pending lock");
+        match p.held.or(p.commits.front().copied()) {
+            Some(ts) if ts > 0 => now_secs().saturating_sub(ts as u64),
             _ => 0,
         }
     }
@@ -376,11 +412,35 @@ mod tests {
     fn lag_is_the_age_of_the_oldest_unacknowledged_commit() {
         let p = Progress::default();
         assert_eq!(p.lag_seconds(), 0);
-        p.pending
-            .lock()
-            .expect("lock")
-            .push_back((now_secs() - 30) as u32);
-        p.pending.lock().expect("lock").push_back(now_secs() as u32);
+        p.read_commit((now_secs() - 30) as u32);
+        p.read_commit(now_secs() as u32);
         assert!((30..=31).contains(&p.lag_seconds()));
+        p.acked_commit();
+        assert!(p.lag_seconds() <= 1);
+        p.acked_commit();
+        assert_eq!(p.lag_seconds(), 0);
+    }
+
+    #[test]
+    fn a_restarted_stream_keeps_the_lag_until_it_acknowledges() {
+        let p = Progress::default();
+        p.read_commit((now_secs() - 40) as u32);
+        p.read_commit((now_secs() - 20) as u32);
+        p.restart_stream();
+        assert!(
+            (40..=41).contains(&p.lag_seconds()),
+            "held while nothing is read"
+        );
+        // Restarted again before anything was acknowledged: still the oldest.
+        p.read_commit((now_secs() - 40) as u32);
+        p.restart_stream();
+        assert!((40..=41).contains(&p.lag_seconds()));
+        // The new stream reads the same transactions again and gets them acknowledged.
+        p.read_commit((now_secs() - 40) as u32);
+        p.read_commit((now_secs() - 20) as u32);
+        p.acked_commit();
+        assert!((20..=21).contains(&p.lag_seconds()));
+        p.acked_commit();
+        assert_eq!(p.lag_seconds(), 0);
     }
 }

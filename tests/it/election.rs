@@ -11,24 +11,11 @@ use crate::support::*;
 
 /// About 1,000 rows/s in transactions of 10 over 50 keys until `stop`.
 fn writer(db: Arc<TestDb>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let evs: Vec<Ev> = (0..10)
-                .map(|_| {
-                    n += 1;
-                    Ev::new("Order", &format!("o{}", n % 50), &format!("{{\"n\":{n}}}"))
-                })
-                .collect();
-            db.insert_txn(&evs).await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        n
-    })
+    steady_writer(db, stop, 10, 50, Duration::from_millis(10))
 }
 
 /// The one of `relays` whose `/readyz` says `streaming`, within `within`.
-async fn leader_of(relays: &mut [Relay], within: Duration) -> usize {
+pub async fn leader_of(relays: &mut [Relay], within: Duration) -> usize {
     let deadline = Instant::now() + within;
     loop {
         for (i, r) in relays.iter().enumerate() {

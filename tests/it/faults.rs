@@ -1,5 +1,6 @@
-//! Server restarts, preflight refusals, a purged resume point and bad rows,
-//! against private MariaDB instances where a test changes server state.
+//! Preflight refusals, a purged resume point and bad rows, against private
+//! MariaDB instances where a test changes server state. (Restarts and
+//! outages under a continuous writer: outages.rs.)
 
 use std::time::Duration;
 
@@ -14,41 +15,6 @@ fn spec<'a>(name: &'a str, db: &'a str, port: u16, topic: &'a str) -> RelaySpec<
         extra_kafka: "",
         extra: "",
     }
-}
-
-/// MariaDB restarted under a running relay: it reconnects at the last commit
-/// and nothing is missing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnects_after_a_mariadb_restart() {
-    services();
-    let server_dir = Scratch::new("mrestart-server");
-    let server = PrivateDb::start(&server_dir.0, &[]);
-    let f = Fixture::new("mrestart", server.port, &["Order"], 3).await;
-    let (db, topics) = (&f.db, &f.topics);
-    let port = free_port();
-    let mut relay = Relay::start(&f.dir.0, &f.spec().toml(port), port, &[]);
-    relay.wait_ready().await;
-    for i in 0..20 {
-        db.insert_txn(&[Ev::new("Order", &format!("k{}", i % 3), "{}")])
-            .await;
-    }
-    relay.wait_events(20).await;
-    server.restart();
-    // The pool reconnects to the restarted server.
-    for i in 20..40 {
-        db.insert_txn(&[Ev::new("Order", &format!("k{}", i % 3), "{}")])
-            .await;
-    }
-    relay.wait_events(40).await;
-    let rows = db.rows().await;
-    let recs = read_topics(topics, rows.len(), Duration::from_secs(60)).await;
-    check(&rows, &recs).assert_complete();
-    assert!(
-        relay.logs().contains("binlog stream lost; reconnecting"),
-        "{}",
-        relay.logs()
-    );
-    assert!(relay.terminate().await.success(), "{}", relay.logs());
 }
 
 async fn expect_refusal(dir: &std::path::Path, toml: &str, wanted: &[&str]) {

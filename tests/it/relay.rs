@@ -108,25 +108,8 @@ async fn restarts_and_crashes_lose_nothing() {
     let (dir, db, ts) = (&f.dir, &f.db, &f.topics);
     let spec = f.spec();
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let db = db.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let evs: Vec<Ev> = (0..5)
-                    .map(|_| {
-                        n += 1;
-                        Ev::new("Order", &format!("o{}", n % 37), &format!("{{\"n\":{n}}}"))
-                    })
-                    .collect();
-                db.insert_txn(&evs).await;
-                // About 500 rows/s.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            n
-        })
-    };
+    // About 500 rows/s.
+    let writer = steady_writer(db.clone(), stop.clone(), 5, 37, Duration::from_millis(10));
 
     let port = free_port();
     let mut relay = Relay::start(&dir.0, &spec.toml(port), port, &[]);
@@ -297,14 +280,14 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
     assert_eq!(checkpoint(name).await, Some((5, pos.clone())));
 
     // The store itself refuses a stale compare-and-set.
-    let mut cfg = outbox_relay::config::RedisConfig {
+    let cfg = outbox_relay::config::RedisConfig {
         url: REDIS_URL.into(),
         password_file: None,
+        ca_file: None,
         key_prefix: "test:".into(),
         checkpoint_interval: Duration::from_secs(1),
         password: Default::default(),
     };
-    cfg.key_prefix = "test:".into();
     let store = outbox_relay::checkpoint::CheckpointStore::connect(&cfg, name)
         .await
         .expect("store");

@@ -5,29 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::support::*;
-
-async fn status(relay: &Relay) -> Option<Value> {
-    let (code, body) = http_get(relay.http_port, "/status").await?;
-    (code == 200).then(|| serde_json::from_str(&body).expect("status json"))
-}
-
-/// Polls `/status` until `ok` holds for it.
-async fn status_until(relay: &Relay, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    wait_for(what, Duration::from_secs(60), || async {
-        status(relay).await.filter(|s| ok(s))
-    })
-    .await
-}
-
-fn lag(s: &Value) -> (u64, Option<u64>) {
-    (
-        s["lag"]["seconds"].as_u64().unwrap_or(u64::MAX),
-        s["lag"]["bytes"].as_u64(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
@@ -60,10 +38,11 @@ async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
     }
     // Caught up: no lag, and the position is the server's head exactly.
     let head = f.db.head().await;
-    let s = status_until(&relay, "caught up", |s| {
-        lag(s) == (0, Some(0)) && s["position"]["pos"].as_u64() == Some(head.1)
-    })
-    .await;
+    let s = relay
+        .status_until("caught up", |s| {
+            lag(s) == (0, Some(0)) && s["position"]["pos"].as_u64() == Some(head.1)
+        })
+        .await;
     assert_eq!(s["role"], "leader");
     assert_eq!(s["head"]["file"], head.0.as_str());
     assert!(s["events"].as_u64() >= Some(5), "{s}");
@@ -76,13 +55,18 @@ async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let head = f.db.head().await;
-    let first = status_until(&relay, "lag of at least 3 s", |s| lag(s).0 >= 3).await;
-    let later = status_until(&relay, "a growing lag", |s| lag(s).0 > lag(&first).0).await;
+    let first = relay
+        .status_until("lag of at least 3 s", |s| lag(s).0 >= 3)
+        .await;
+    let later = relay
+        .status_until("a growing lag", |s| lag(s).0 > lag(&first).0)
+        .await;
     // Bytes behind = head − relayed position, within one poll (500 ms).
-    let s = status_until(&relay, "bytes behind the head", |s| {
-        s["head"]["pos"].as_u64() == Some(head.1)
-    })
-    .await;
+    let s = relay
+        .status_until("bytes behind the head", |s| {
+            s["head"]["pos"].as_u64() == Some(head.1)
+        })
+        .await;
     let pos = s["position"]["pos"].as_u64().expect("position");
     assert!(pos < head.1, "{s}");
     assert_eq!(lag(&s).1, Some(head.1 - pos), "{s}");
@@ -95,7 +79,9 @@ async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
 
     // Broker back: everything is delivered and the lag returns to 0.
     broker.up();
-    status_until(&relay, "caught up again", |s| lag(s) == (0, Some(0))).await;
+    relay
+        .status_until("caught up again", |s| lag(s) == (0, Some(0)))
+        .await;
     let rows = f.db.rows().await;
     let recs = read_topics_from(&addr, &f.topics, rows.len(), Duration::from_secs(60)).await;
     let report = check(&rows, &recs);

@@ -177,23 +177,35 @@ impl TestDb {
 
     /// Inserts the events in one transaction; returns their ids in order.
     pub async fn insert_txn(&self, evs: &[Ev]) -> Vec<u64> {
-        let mut c = self.pool.get_conn().await.expect("connect");
-        let mut tx = c
-            .start_transaction(mysql_async::TxOpts::default())
-            .await
-            .expect("begin");
+        self.try_insert_txn(evs).await.expect("insert transaction")
+    }
+
+    /// `insert_txn` that reports a failure (the server restarting) instead
+    /// of panicking.
+    pub async fn try_insert_txn(&self, evs: &[Ev]) -> Result<Vec<u64>, mysql_async::Error> {
+        let mut c = self.pool.get_conn().await?;
+        let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
         let mut ids = Vec::with_capacity(evs.len());
         for e in evs {
             tx.exec_drop(
                 "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) VALUES (?, ?, ?, ?, ?)",
                 (&e.aggregate_type, &e.aggregate_id, &e.event_type, &e.payload, &e.headers),
             )
-            .await
-            .expect("insert outbox row");
-            ids.push(tx.last_insert_id().expect("insert id"));
+            .await?;
+            ids.push(tx.last_insert_id().unwrap_or_default());
         }
-        tx.commit().await.expect("commit");
-        ids
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// The largest outbox id so far (0 when empty).
+    pub async fn max_id(&self) -> u64 {
+        let mut c = self.pool.get_conn().await.expect("connect");
+        let v: Option<Option<u64>> = c
+            .query_first("SELECT MAX(id) FROM outbox")
+            .await
+            .expect("max id");
+        v.flatten().unwrap_or(0)
     }
 
     /// `(id, aggregate_id)` of every outbox row, in id order.
@@ -211,6 +223,43 @@ impl TestDb {
         let r = r.expect("binlog on");
         (r.get(0).unwrap_or_default(), r.get(1).unwrap_or_default())
     }
+}
+
+/// A continuous writer: transactions of `per_txn` rows over `keys`
+/// aggregates (type `Order`), `pause` between them, until `stop`. A failed
+/// transaction (a server restarting under it) is retried after 100 ms; what
+/// committed is read back from the table at the end, so an ambiguous commit
+/// cannot skew a count. Returns the rows it saw committed.
+pub fn steady_writer(
+    db: std::sync::Arc<TestDb>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    per_txn: usize,
+    keys: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let (mut n, mut committed) = (0usize, 0u64);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let evs: Vec<Ev> = (n..n + per_txn)
+                .map(|i| {
+                    Ev::new(
+                        "Order",
+                        &format!("o{}", i % keys),
+                        &format!("{{\"n\":{i}}}"),
+                    )
+                })
+                .collect();
+            match db.try_insert_txn(&evs).await {
+                Ok(_) => {
+                    n += per_txn;
+                    committed += per_txn as u64;
+                    tokio::time::sleep(pause).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        committed
+    })
 }
 
 /// What most tests start from: the services, a scratch directory, a database
@@ -485,6 +534,29 @@ impl Relay {
         }
     }
 
+    /// The relay's report (`/status`), when it answers.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = http_get(self.http_port, "/status").await?;
+        (code == 200).then(|| serde_json::from_str(&body).expect("status json"))
+    }
+
+    /// Polls `/status` until `ok` holds for it (60 s).
+    pub async fn status_until(
+        &self,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(what, Duration::from_secs(60), || async {
+            self.status().await.filter(|s| ok(s))
+        })
+        .await
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
     /// A gauge or counter of this process's `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
         let Some((_, text)) = http_get(self.http_port, "/metrics").await else {
@@ -663,7 +735,12 @@ fn read_blocking(broker: &str, topics: &[String], at_least: usize, within: Durat
 
 /// The stored checkpoint of relay `name` (key prefix `test:`).
 pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    checkpoint_at(REDIS_URL, name).await
+}
+
+/// `checkpoint` in the Redis at `url`.
+pub async fn checkpoint_at(url: &str, name: &str) -> Option<(u64, Position)> {
+    let client = redis::Client::open(url).expect("redis url");
     let mut c = client
         .get_multiplexed_async_connection()
         .await
@@ -679,6 +756,33 @@ pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
         epoch?,
         serde_json::from_str(&pos?).expect("checkpoint json"),
     ))
+}
+
+/// `(lag seconds, lag bytes)` of a `/status` report.
+pub fn lag(s: &serde_json::Value) -> (u64, Option<u64>) {
+    (
+        s["lag"]["seconds"].as_u64().unwrap_or(u64::MAX),
+        s["lag"]["bytes"].as_u64(),
+    )
+}
+
+/// Until the checkpoint of relay `name` in the Redis at `url` reaches the
+/// binlog head `db`'s server has now: everything committed so far is
+/// acknowledged by Kafka.
+pub async fn wait_checkpoint_at_head(
+    url: &str,
+    name: &str,
+    db: &TestDb,
+    within: Duration,
+) -> Position {
+    let head = db.head().await;
+    wait_for("the checkpoint at the binlog head", within, || async {
+        checkpoint_at(url, name)
+            .await
+            .map(|c| c.1)
+            .filter(|p| (&p.file.file, p.file.pos) >= (&head.0, head.1))
+    })
+    .await
 }
 
 /// What a delivery check found.
@@ -872,7 +976,77 @@ impl Drop for PrivateBroker {
     }
 }
 
-fn services_sh(args: &[&str]) {
+/// A Redis of the test's own that keeps its data across restarts (AOF), like
+/// a production Redis, so it can be stopped and started again.
+pub struct PrivateRedis {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// Extra `redis-server` arguments (a password, TLS).
+    pub extra: Vec<String>,
+}
+
+impl PrivateRedis {
+    pub fn start(dir: &Path) -> PrivateRedis {
+        PrivateRedis::start_with(dir, &[])
+    }
+
+    /// `start` with extra `redis-server` arguments; `{port}` in them is
+    /// replaced by the instance's port.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> PrivateRedis {
+        let port = free_port();
+        let r = PrivateRedis {
+            dir: dir.join("redis"),
+            port,
+            extra: extra
+                .iter()
+                .map(|a| a.replace("{port}", &port.to_string()))
+                .collect(),
+        };
+        r.up();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn up(&self) {
+        let (dir, port) = (self.dir.to_string_lossy(), self.port.to_string());
+        let mut args = vec![
+            "start-redis",
+            &dir,
+            &port,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        services_sh(&args);
+    }
+
+    pub fn down(&self) {
+        services_sh(&["stop-dir", &self.dir.to_string_lossy()]);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Peak resident memory of process `pid` (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn services_sh(args: &[&str]) {
     let out = Command::new(root().join("scripts/services.sh"))
         .args(args)
         .output()
