@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::cleanup::{self, relay_name, FINALIZER};
 use crate::crd::{CheckpointPolicy, OutboxRelay};
+use crate::guard::{Guarded, Malformed};
 use crate::health::{assess, heartbeat_interval, Cond};
 use crate::metrics::Metrics;
 use crate::resources::config::{build_configmap, CONFIG_FILE};
@@ -76,6 +77,56 @@ impl Error {
             Error::Wait(_) => "crd_not_established".into(),
         }
     }
+}
+
+/// What the controller runs: a malformed object is reported, the others reconciled.
+pub async fn reconcile_guarded(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match &obj.0 {
+        Ok(r) => reconcile(Arc::new(r.clone()), ctx).await,
+        Err(m) => reject_malformed(m, &ctx).await,
+    }
+}
+
+/// An object that does not parse: `Ready=False`/`Degraded=True` with the
+/// field and why, a Warning Event, and a wait for the user's next change.
+async fn reject_malformed(m: &Malformed, ctx: &Context) -> Result<Action, Error> {
+    let ns = m
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let relays: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
+    let message = format!(
+        "the object does not fit the OutboxRelay schema: {}",
+        m.error
+    );
+    let reference = ObjectReference {
+        api_version: Some(OutboxRelay::api_version(&()).into_owned()),
+        kind: Some(OutboxRelay::kind(&()).into_owned()),
+        name: m.metadata.name.clone(),
+        namespace: Some(ns.clone()),
+        uid: m.metadata.uid.clone(),
+        resource_version: m.metadata.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    publish_to(ctx, &reference, EventType::Warning, "InvalidSpec", &message).await;
+    let conds = [
+        Cond {
+            type_: "Ready",
+            status: false,
+            reason: "InvalidSpec",
+            message: message.clone(),
+        },
+        Cond {
+            type_: "Degraded",
+            status: true,
+            reason: "InvalidSpec",
+            message,
+        },
+    ];
+    apply_conditions(&relays, &m.metadata, &[], &conds).await?;
+    ctx.metrics.outcome("invalid_spec");
+    Ok(Action::await_change())
 }
 
 pub async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -283,42 +334,33 @@ async fn delete_checkpoint(
     relays: &Api<OutboxRelay>,
 ) -> Result<Action, Error> {
     let redis = &obj.spec.redis;
-    let password = match &redis.password_secret {
-        None => Ok(None),
-        Some(r) => {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-            match secrets.get_opt(&r.name).await? {
-                None => Err(format!(
-                    "Secret {ns}/{} (spec.redis.passwordSecret) does not exist",
-                    r.name
-                )),
-                Some(s) => s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        format!(
-                            "Secret {ns}/{} has no key `{}` (spec.redis.passwordSecret)",
-                            r.name, r.key
-                        )
-                    }),
-            }
-        }
-    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let password = secret_value(
+        &secrets,
+        ns,
+        redis.password_secret.as_ref(),
+        "spec.redis.passwordSecret",
+    )
+    .await?;
+    let ca = secret_value(
+        &secrets,
+        ns,
+        redis.ca_secret.as_ref(),
+        "spec.redis.caSecret",
+    )
+    .await?;
     let relay = relay_name(ns, &obj.name_any());
-    let outcome = match password {
-        Ok(p) => {
-            cleanup::delete_checkpoint(
-                &redis.url,
-                p.as_deref(),
-                redis.key_prefix.as_deref(),
-                &relay,
-            )
-            .await
+    let outcome = match (password, ca) {
+        (Ok(password), Ok(ca)) => {
+            let target = cleanup::RedisTarget {
+                url: &redis.url,
+                password: password.map(|p| String::from_utf8_lossy(&p).into_owned()),
+                ca,
+                key_prefix: redis.key_prefix.as_deref(),
+            };
+            cleanup::delete_checkpoint(target, &relay).await
         }
-        Err(e) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     match outcome {
         Ok(n) => {
@@ -352,8 +394,28 @@ async fn delete_checkpoint(
     }
 }
 
+/// The value of a referenced Secret key (None when nothing is referenced);
+/// the inner error names the Secret, the key and the spec field, never a value.
+async fn secret_value(
+    secrets: &Api<Secret>,
+    ns: &str,
+    r: Option<&crate::crd::SecretKeyRef>,
+    field: &str,
+) -> Result<Result<Option<Vec<u8>>, String>, Error> {
+    let Some(r) = r else { return Ok(Ok(None)) };
+    Ok(match secrets.get_opt(&r.name).await? {
+        None => Err(format!("Secret {ns}/{} ({field}) does not exist", r.name)),
+        Some(s) => s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .map(|b| Some(b.0.clone()))
+            .ok_or_else(|| format!("Secret {ns}/{} has no key `{}` ({field})", r.name, r.key)),
+    })
+}
+
 /// API errors: retry with a short backoff.
-pub fn error_policy(_obj: Arc<OutboxRelay>, _err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_obj: Arc<Guarded>, _err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -460,8 +522,18 @@ async fn patch_status(
     let old = obj
         .status
         .as_ref()
-        .map(|s| s.conditions.clone())
+        .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
+    apply_conditions(api, &obj.metadata, old, conds).await
+}
+
+async fn apply_conditions(
+    api: &Api<OutboxRelay>,
+    meta: &ObjectMeta,
+    old: &[Condition],
+    conds: &[Cond],
+) -> Result<(), Error> {
+    let generation = meta.generation;
     let now = Time(Timestamp::now());
     let conditions: Vec<Condition> = conds
         .iter()
@@ -477,7 +549,7 @@ async fn patch_status(
                 reason: c.reason.into(),
                 message: c.message.clone(),
                 last_transition_time: since,
-                observed_generation: obj.metadata.generation,
+                observed_generation: generation,
             }
         })
         .collect();
@@ -485,12 +557,12 @@ async fn patch_status(
         "apiVersion": "outboxrelay.dev/v1alpha1",
         "kind": "OutboxRelay",
         "status": {
-            "observedGeneration": obj.metadata.generation,
+            "observedGeneration": generation,
             "conditions": conditions,
         }
     });
     api.patch_status(
-        &obj.name_any(),
+        meta.name.as_deref().unwrap_or_default(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
     )
@@ -500,6 +572,16 @@ async fn patch_status(
 
 /// Records a Kubernetes Event; failing to record one never fails a reconcile.
 async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &str, note: &str) {
+    publish_to(ctx, &obj.object_ref(&()), type_, reason, note).await;
+}
+
+async fn publish_to(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -507,7 +589,7 @@ async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &st
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&ev, reference).await {
         tracing::warn!(error = %e, "cannot record an Event");
     }
 }
@@ -539,8 +621,9 @@ pub async fn run(
     }
     let children =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=outbox-operator");
+    // Guarded: one malformed object must not break the watch of the others.
     let controller = Controller::new(
-        api::<OutboxRelay>(&client, &namespace),
+        api::<Guarded>(&client, &namespace),
         watcher::Config::default(),
     );
     let store = controller.store();
@@ -577,13 +660,15 @@ pub async fn run(
                 store
                     .state()
                     .into_iter()
-                    .filter(|r| r.namespace() == ns && references(r, &name))
-                    .map(|r| ObjectRef::from_obj(&*r))
+                    .filter(|g| {
+                        g.namespace() == ns && g.0.as_ref().is_ok_and(|r| references(r, &name))
+                    })
+                    .map(|g| ObjectRef::from_obj(&*g))
                     .collect::<Vec<_>>()
             },
         )
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_guarded, error_policy, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(relay = %obj, "reconciled"),
@@ -607,6 +692,7 @@ fn references(r: &OutboxRelay, name: &str) -> bool {
             .password_secret
             .as_ref()
             .is_some_and(|p| p.name == name)
+        || s.redis.ca_secret.as_ref().is_some_and(|c| c.name == name)
         || s.kafka
             .secret_properties
             .iter()
@@ -931,6 +1017,98 @@ mod tests {
         assert!(requests.iter().any(|(m, u, b)| m == "POST"
             && u.contains("/events")
             && b["reason"] == "CheckpointDeleteFailed"));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_object_is_reported_naming_the_field_and_waits() {
+        let mut raw = serde_json::to_value(fixture(FULL)).expect("json");
+        raw["spec"]["mysql"]["port"] = json!("3306");
+        let guarded: Guarded = serde_json::from_value(raw).expect("guarded");
+        assert!(guarded.0.is_err());
+        let (ctx, log) = fake(all_secrets(), &fixture(FULL));
+        let action = reconcile_guarded(Arc::new(guarded), ctx)
+            .await
+            .expect("no crash");
+        assert_eq!(action, Action::await_change());
+        let requests = log.lock().expect("log").clone();
+        let event = requests
+            .iter()
+            .find(|(m, u, _)| m == "POST" && u.contains("/events"))
+            .expect("an Event");
+        assert_eq!(event.2["reason"], "InvalidSpec");
+        assert_eq!(event.2["regarding"]["name"], "orders");
+        let p = patches(&log);
+        assert_eq!(p.len(), 1, "only the status: {p:?}");
+        assert!(p[0]
+            .0
+            .contains("/namespaces/shop/outboxrelays/orders/status"));
+        let ready = condition(&p[0].1, "Ready");
+        assert_eq!(ready["reason"], "InvalidSpec");
+        let msg = ready["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("spec.mysql.port: invalid type"), "{msg}");
+    }
+
+    /// Every request the operator makes, in one text: paths, bodies, Events,
+    /// status patches, applied children.
+    fn everything_sent(log: &Requests) -> String {
+        log.lock()
+            .expect("log")
+            .iter()
+            .map(|(m, u, b)| format!("{m} {u} {b}\n"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn secret_values_never_leave_the_secrets() {
+        use base64::Engine as _;
+        let values = [
+            ("mysql-relay", "password", "Mysql-S3cret-9f1"),
+            (
+                "mysql-ca",
+                "ca.pem",
+                "-----BEGIN CERTIFICATE----- Ca-S3cret-77",
+            ),
+            ("redis", "password", "Redis-S3cret-4a2"),
+            ("kafka-user", "username", "Kafka-User-S3cret-1"),
+            ("kafka-user", "password", "Kafka-S3cret-b07"),
+        ];
+        let mut secrets = all_secrets();
+        for (name, key, value) in values {
+            secrets.get_mut(name).expect("secret")["data"][key] =
+                json!(base64::engine::general_purpose::STANDARD.encode(value));
+        }
+        let leaks = |sent: &str, when: &str| {
+            for (_, _, v) in values {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(v);
+                assert!(
+                    !sent.contains(v) && !sent.contains(&b64),
+                    "{when}: a secret value was sent to the API server:\n{sent}"
+                );
+            }
+        };
+        // Created, reconciled with a relay report, a key gone missing, and
+        // deleted with `checkpointPolicy: Delete` while Redis is unreachable
+        // (the operator reads the Redis password for that).
+        let (ctx, log) = fake(secrets.clone(), &relay(FULL));
+        reconcile(reported(1), ctx.clone()).await.expect("create");
+        leaks(&everything_sent(&log), "create");
+        let mut missing = secrets.clone();
+        missing.get_mut("kafka-user").expect("secret")["data"]
+            .as_object_mut()
+            .expect("data")
+            .remove("password");
+        let (ctx, log) = fake(missing, &relay(FULL));
+        reconcile(relay(FULL), ctx).await.expect("missing key");
+        leaks(&everything_sent(&log), "missing key");
+        let mut r = fixture(&format!("{FULL}checkpointPolicy: Delete\n"));
+        r.spec.redis.url = "redis://127.0.0.1:1/0".into();
+        r.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        r.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let r = Arc::new(r);
+        let (ctx, log) = fake(secrets, &r);
+        reconcile(r, ctx.clone()).await.expect("delete");
+        leaks(&everything_sent(&log), "deletion");
+        leaks(&ctx.metrics.encode(), "metrics");
     }
 
     /// A relay with what its leader reported `age_s` seconds ago.

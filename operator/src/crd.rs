@@ -123,6 +123,10 @@ pub struct MysqlSpec {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.mode in ['disabled', 'require'] || has(self.caSecret)",
+    "message": "caSecret is required with mode verify-ca or verify-full"
+}]))]
 pub struct MysqlTls {
     pub mode: TlsMode,
     /// PEM CA bundle to verify the server (required by verify-ca and verify-full).
@@ -180,6 +184,10 @@ pub struct Columns {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.badRowPolicy) || self.badRowPolicy != 'DeadLetter' || has(self.deadLetterTopic)",
+    "message": "deadLetterTopic is required with badRowPolicy: DeadLetter"
+}]))]
 pub struct KafkaSpec {
     /// `host:port[,host:port...]`
     #[schemars(length(min = 1))]
@@ -217,12 +225,25 @@ pub enum CheckpointPolicy {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.caSecret) || self.url.startsWith('rediss://')",
+    "message": "caSecret is only used with TLS: url must start with rediss://"
+}]))]
 pub struct RedisSpec {
     /// `redis://host:port/db` or `rediss://...`, without a password.
-    #[schemars(regex(pattern = r"^rediss?://[^:@/]+(:[0-9]+)?(/[0-9]+)?$"))]
+    #[schemars(
+        regex(pattern = r"^rediss?://[^:@/]+(:[0-9]+)?(/[0-9]+)?$"),
+        length(max = 2048)
+    )]
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretKeyRef>,
+    /// PEM CA that signed the server's certificate, for `rediss://` with a
+    /// private CA (default: the system's trusted roots). Mounted into the
+    /// relay pods; the operator reads it only to delete the checkpoint
+    /// (`checkpointPolicy: Delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
     /// Prefix of the checkpoint key; default `outbox-relay:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<String>,

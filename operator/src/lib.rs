@@ -1,9 +1,10 @@
-//! outbox-operator: the `OutboxRelay` resource and (to come) the reconciler
-//! that turns it into leader-elected relay pods.
+//! outbox-operator: the `OutboxRelay` resource and the reconciler that turns
+//! it into leader-elected relay pods.
 
 pub mod cleanup;
 pub mod controller;
 pub mod crd;
+pub mod guard;
 pub mod health;
 pub mod metrics;
 pub mod resources;

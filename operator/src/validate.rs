@@ -38,6 +38,7 @@ pub enum SecretUse {
     MysqlPassword,
     MysqlCa,
     RedisPassword,
+    RedisCa,
     /// A librdkafka property, e.g. `sasl.password`.
     KafkaProperty(String),
 }
@@ -49,6 +50,7 @@ impl std::fmt::Display for SecretUse {
             SecretUse::MysqlPassword => f.write_str("spec.mysql.passwordSecret"),
             SecretUse::MysqlCa => f.write_str("spec.mysql.tls.caSecret"),
             SecretUse::RedisPassword => f.write_str("spec.redis.passwordSecret"),
+            SecretUse::RedisCa => f.write_str("spec.redis.caSecret"),
             SecretUse::KafkaProperty(p) => write!(f, "spec.kafka.secretProperties.{p}"),
         }
     }
@@ -118,6 +120,15 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
             SecretUse::RedisPassword,
             checked_ref("redis.passwordSecret", p)?,
         ));
+    }
+    if let Some(ca) = &s.redis.ca_secret {
+        if !s.redis.url.starts_with("rediss://") {
+            return Err(err(
+                "redis.caSecret",
+                "is only used with TLS: spec.redis.url must start with rediss://",
+            ));
+        }
+        secrets.push((SecretUse::RedisCa, checked_ref("redis.caSecret", ca)?));
     }
     for (prop, r) in s.kafka.secret_properties.iter().flatten() {
         let field = format!("kafka.secretProperties.{prop}");
@@ -283,6 +294,13 @@ heartbeatInterval: 5s
             (
                 FULL.replace("  deadLetterTopic: outbox.dlq\n", ""),
                 "spec.kafka.deadLetterTopic: is required",
+            ),
+            (
+                FULL.replace(
+                    "  keyPrefix: \"shop:\"\n",
+                    "  keyPrefix: \"shop:\"\n  caSecret: {name: redis-tls, key: ca.crt}\n",
+                ),
+                "spec.redis.caSecret: is only used with TLS",
             ),
             (
                 FULL.replace("sasl.mechanism: SCRAM-SHA-512", "sasl.password: hunter2"),

@@ -26,8 +26,7 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
         let env: Vec<(String, String)> = v
             .secrets
             .iter()
-            .map(|(u, _)| (env_name(u), "from-a-secret".to_string()))
-            .filter(|(n, _)| !n.is_empty())
+            .filter_map(|(u, _)| Some((env_name(u)?, "from-a-secret".to_string())))
             .collect();
         let cfg = outbox_relay::config::Config::from_toml(&toml, std::path::Path::new(name), &env)
             .unwrap_or_else(|e| {
@@ -65,7 +64,7 @@ fn operator_and_relay_agree_on_which_kafka_properties_are_secret() {
 /// Redis (checkpoint, election lock, epoch), nothing of another relay.
 #[tokio::test]
 async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
-    use outbox_operator::cleanup::{delete_checkpoint, relay_name};
+    use outbox_operator::cleanup::{delete_checkpoint, relay_name, RedisTarget};
     use outbox_relay::keys::all_keys;
 
     crate::support::services();
@@ -87,7 +86,13 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
                 .expect("set");
         }
     }
-    let n = delete_checkpoint(crate::support::REDIS_URL, None, Some("test:"), &gone)
+    let target = |url| RedisTarget {
+        url,
+        password: None,
+        ca: None,
+        key_prefix: Some("test:"),
+    };
+    let n = delete_checkpoint(target(crate::support::REDIS_URL), &gone)
         .await
         .expect("delete");
     assert_eq!(n, 3);
@@ -104,10 +109,79 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
     assert_eq!(count(all_keys("test:", &gone)).await, 0);
     assert_eq!(count(all_keys("test:", &kept)).await, 3);
     // Unreachable Redis: a clear error, no panic.
-    let e = delete_checkpoint("redis://127.0.0.1:1/0", Some("hunter2"), None, &gone)
+    let unreachable = RedisTarget {
+        password: Some("hunter2".into()),
+        ..target("redis://127.0.0.1:1/0")
+    };
+    let e = delete_checkpoint(unreachable, &gone)
         .await
         .expect_err("unreachable");
     assert!(e.starts_with("redis:") && !e.contains("hunter2"), "{e}");
+
+    // A TLS Redis with a private CA and a password, as `spec.redis.caSecret`
+    // and `passwordSecret` describe it.
+    let scratch = crate::support::Scratch::new("delete-tls");
+    let certs = crate::security::make_certs(&scratch.0.join("certs"));
+    let (cert, key, ca) = (
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+        certs.ca.display().to_string(),
+    );
+    let redis = crate::support::PrivateRedis::start_with(
+        &scratch.0,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "tls-pass",
+        ],
+    );
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let seed = redis::Client::build_with_tls(
+        format!("rediss://:tls-pass@127.0.0.1:{}/0", redis.port).as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&certs.ca).expect("ca")),
+        },
+    )
+    .expect("tls client");
+    let mut tc = seed
+        .get_multiplexed_async_connection()
+        .await
+        .expect("tls redis");
+    for k in all_keys("test:", &gone) {
+        let _: () = redis::cmd("SET")
+            .arg(&k)
+            .arg("x")
+            .query_async(&mut tc)
+            .await
+            .expect("set");
+    }
+    let tls = RedisTarget {
+        password: Some("tls-pass".into()),
+        ca: Some(std::fs::read(&certs.ca).expect("ca")),
+        ..target(&url)
+    };
+    assert_eq!(delete_checkpoint(tls, &gone).await, Ok(3));
+    // The system's roots do not know the test's CA.
+    let untrusted = RedisTarget {
+        password: Some("tls-pass".into()),
+        ..target(&url)
+    };
+    let e = delete_checkpoint(untrusted, &gone)
+        .await
+        .expect_err("untrusted");
+    assert!(e.contains("certificate") && !e.contains("tls-pass"), "{e}");
 }
 
 /// What the relay writes into the status is exactly what the CRD's status

@@ -13,12 +13,12 @@ use crate::support::*;
 
 /// The test's own certificate authority, and a server certificate it signed
 /// for `127.0.0.1` / `localhost`.
-struct Certs {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
     /// A CA that signed nothing here.
-    other_ca: PathBuf,
+    pub other_ca: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -34,7 +34,7 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-fn make_certs(dir: &Path) -> Certs {
+pub fn make_certs(dir: &Path) -> Certs {
     std::fs::create_dir_all(dir).expect("cert dir");
     for ca in ["ca", "other-ca"] {
         openssl(

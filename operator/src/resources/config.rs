@@ -18,6 +18,8 @@ pub const CONFIG_DIR: &str = "/etc/outbox-relay";
 pub const CONFIG_FILE: &str = "relay.toml";
 /// Where the MySQL CA Secret is mounted.
 pub const MYSQL_CA_DIR: &str = "/etc/outbox-relay/mysql-ca";
+/// Where the Redis CA Secret is mounted.
+pub const REDIS_CA_DIR: &str = "/etc/outbox-relay/redis-ca";
 /// The relay's HTTP port (health, readiness, metrics).
 pub const HTTP_PORT: i32 = 8080;
 
@@ -80,6 +82,8 @@ struct Kafka<'a> {
 struct Redis<'a> {
     url: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     key_prefix: Option<&'a str>,
 }
 
@@ -111,11 +115,13 @@ struct Log<'a> {
 /// The relay config file for `r`.
 pub fn relay_toml(r: &ValidatedRelay) -> String {
     let s = &r.spec;
-    let ca = r
-        .secrets
-        .iter()
-        .find(|(u, _)| *u == SecretUse::MysqlCa)
-        .map(|(_, k)| format!("{MYSQL_CA_DIR}/{}", k.key));
+    let mounted = |use_: SecretUse, dir: &str| {
+        r.secrets
+            .iter()
+            .find(|(u, _)| *u == use_)
+            .map(|(_, k)| format!("{dir}/{}", k.key))
+    };
+    let ca = mounted(SecretUse::MysqlCa, MYSQL_CA_DIR);
     let file = File {
         // Unique per namespace: keys the checkpoint in a shared Redis.
         name: relay_name(&r.namespace, &r.name),
@@ -175,6 +181,7 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
         },
         redis: Redis {
             url: &s.redis.url,
+            ca_file: mounted(SecretUse::RedisCa, REDIS_CA_DIR),
             key_prefix: s.redis.key_prefix.as_deref(),
         },
         election: Election {

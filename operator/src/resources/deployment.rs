@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 
-use crate::resources::config::{CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR};
+use crate::resources::config::{CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR, REDIS_CA_DIR};
 use crate::resources::{child_meta, child_name, labels};
 use crate::validate::{SecretUse, ValidatedRelay};
 
@@ -23,19 +23,26 @@ pub const CONFIG_HASH: &str = "outboxrelay.dev/config-hash";
 /// Non-root user of the relay image.
 const RELAY_UID: i64 = 65532;
 
-/// Environment variable that carries a secret of `use_` into the relay.
-pub fn env_name(use_: &SecretUse) -> String {
+/// Environment variable that carries a secret of `use_` into the relay;
+/// None for CA certificates, which are mounted files (`mount_of`).
+pub fn env_name(use_: &SecretUse) -> Option<String> {
     match use_ {
-        SecretUse::MysqlPassword => "OUTBOX_RELAY_MYSQL_PASSWORD".into(),
-        SecretUse::RedisPassword => "OUTBOX_RELAY_REDIS_PASSWORD".into(),
-        SecretUse::KafkaProperty(p) => {
-            format!(
-                "OUTBOX_RELAY_KAFKA_{}",
-                p.to_ascii_uppercase().replace('.', "_")
-            )
-        }
-        // Mounted as a file, not an env variable.
-        SecretUse::MysqlCa => String::new(),
+        SecretUse::MysqlPassword => Some("OUTBOX_RELAY_MYSQL_PASSWORD".into()),
+        SecretUse::RedisPassword => Some("OUTBOX_RELAY_REDIS_PASSWORD".into()),
+        SecretUse::KafkaProperty(p) => Some(format!(
+            "OUTBOX_RELAY_KAFKA_{}",
+            p.to_ascii_uppercase().replace('.', "_")
+        )),
+        SecretUse::MysqlCa | SecretUse::RedisCa => None,
+    }
+}
+
+/// CA certificates are mounted files: (volume, mount directory).
+fn mount_of(use_: &SecretUse) -> Option<(&'static str, &'static str)> {
+    match use_ {
+        SecretUse::MysqlCa => Some(("mysql-ca", MYSQL_CA_DIR)),
+        SecretUse::RedisCa => Some(("redis-ca", REDIS_CA_DIR)),
+        _ => None,
     }
 }
 
@@ -52,9 +59,9 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
     let mut env: Vec<EnvVar> = r
         .secrets
         .iter()
-        .filter(|(u, _)| *u != SecretUse::MysqlCa)
-        .map(|(u, k)| EnvVar {
-            name: env_name(u),
+        .filter_map(|(u, k)| Some((env_name(u)?, k)))
+        .map(|(name, k)| EnvVar {
+            name,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
                     name: k.name.clone(),
@@ -103,9 +110,12 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
         read_only: Some(true),
         ..VolumeMount::default()
     }];
-    if let Some((_, ca)) = r.secrets.iter().find(|(u, _)| *u == SecretUse::MysqlCa) {
+    for (use_, ca) in &r.secrets {
+        let Some((volume, dir)) = mount_of(use_) else {
+            continue;
+        };
         volumes.push(Volume {
-            name: "mysql-ca".into(),
+            name: volume.into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(ca.name.clone()),
                 ..SecretVolumeSource::default()
@@ -113,8 +123,8 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
             ..Volume::default()
         });
         mounts.push(VolumeMount {
-            name: "mysql-ca".into(),
-            mount_path: MYSQL_CA_DIR.into(),
+            name: volume.into(),
+            mount_path: dir.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -271,6 +281,51 @@ mod tests {
                 .and_then(|s| s.secret_name)
                 .as_deref(),
             Some("mysql-ca")
+        );
+    }
+
+    #[test]
+    fn ca_certificates_are_mounted_files_and_named_in_the_config() {
+        let yaml = FULL.replace(
+            "  url: redis://redis.shop.svc:6379/0\n",
+            "  url: rediss://redis.shop.svc:6380/0\n  caSecret: {name: redis-tls, key: ca.crt}\n",
+        );
+        let v = validate(&fixture(&yaml)).expect("valid");
+        let d = build_deployment(&v, "relay:1", "abc");
+        let pod = d.spec.expect("spec").template.spec.expect("pod");
+        let volumes: Vec<(String, Option<String>)> = pod
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+            .collect();
+        assert_eq!(
+            volumes,
+            [
+                ("config".to_string(), None),
+                ("mysql-ca".to_string(), Some("mysql-ca".to_string())),
+                ("redis-ca".to_string(), Some("redis-tls".to_string())),
+            ]
+        );
+        let c = &pod.containers[0];
+        let mounts: Vec<(&str, &str, Option<bool>)> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+            .collect();
+        assert!(
+            mounts.contains(&("redis-ca", REDIS_CA_DIR, Some(true))),
+            "{mounts:?}"
+        );
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.contains("CA")),
+            "a CA went into the environment"
+        );
+        let toml = crate::resources::config::relay_toml(&v);
+        assert!(
+            toml.contains("ca_file = \"/etc/outbox-relay/redis-ca/ca.crt\""),
+            "{toml}"
         );
     }
 
