@@ -999,7 +999,7 @@ fn mysql_sids(set: &MysqlGtidSet) -> Vec<mysql_async::Sid<'static>> {
             Some(
                 mysql_async::Sid::new(bytes).with_intervals(
                     ivs.iter()
-                        .map(|(a, b)| mysql_async::GnoInterval::new(*a, b + 1))
+                        .map(|(a, b)| mysql_async::GnoInterval::new(*a, b.saturating_add(1)))
                         .collect(),
                 ),
             )

@@ -707,4 +707,121 @@ mod tests {
         assert!(validate_topic_name("..").is_err());
         assert!(validate_topic_name("ok.topic-1_x").is_ok());
     }
+
+    /// Fuzzing the mapping with arbitrary rows: any column value of any
+    /// kind, NULLs, non-UTF-8 bytes, odd headers and topic templates. A row
+    /// becomes a record carrying its key and payload unchanged, or a bad row
+    /// that keeps them for the dead-letter topic; nothing panics.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const CASES: u32 = 2000;
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::NULL),
+                any::<i64>().prop_map(Value::Int),
+                any::<u64>().prop_map(Value::UInt),
+                any::<f64>().prop_map(Value::Double),
+                any::<f32>().prop_map(Value::Float),
+                proptest::collection::vec(any::<u8>(), 0..64).prop_map(Value::Bytes),
+                "[A-Za-z0-9._/ -]{0,20}".prop_map(|s| Value::Bytes(s.into_bytes())),
+                "\\{\"[a-z]{1,5}\": ?(\"[a-z]{0,5}\"|[0-9]{1,3}|null|\\[\\])\\}"
+                    .prop_map(|s| Value::Bytes(s.into_bytes())),
+                (0u16..10000, 1u8..13, 1u8..29)
+                    .prop_map(|(y, m, d)| Value::Date(y, m, d, 0, 0, 0, 0)),
+            ]
+        }
+
+        fn template() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("outbox.event.{aggregate_type}".to_string()),
+                Just("{database}.{table}.{event_type}".to_string()),
+                "[a-z.{}_]{0,30}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            #[test]
+            fn any_row_maps_or_is_a_bad_row_keeping_key_and_payload(
+                vals in proptest::collection::vec(value(), 7),
+                topic in template(),
+                max in 64usize..2000,
+            ) {
+                let mut c = cfg();
+                c.topic = topic;
+                let Ok(m) = Mapper::new(&c, max) else {
+                    // A template the config check refuses never reaches a row.
+                    prop_assert!(TopicTemplate::parse(&c.topic).is_err());
+                    return Ok(());
+                };
+                let t = TableMapping::new(0, &c, &names(COLS));
+                let bytes = |v: &Value| match v {
+                    Value::NULL => None,
+                    Value::Bytes(b) => Some(b.clone()),
+                    Value::Int(i) => Some(i.to_string().into_bytes()),
+                    Value::UInt(u) => Some(u.to_string().into_bytes()),
+                    other => Some(value_text(other).into_bytes()),
+                };
+                let (key, payload) = (bytes(&vals[2]), bytes(&vals[4]));
+                match m.map(&t, row(vals.clone()), CTX) {
+                    Ok(r) => {
+                        prop_assert_eq!(Some(r.key.clone()), key);
+                        prop_assert_eq!(r.value.clone(), payload);
+                        prop_assert!(validate_topic_name(&r.topic).is_ok(), "{}", r.topic);
+                        prop_assert_eq!(hdr(&r, "id"), Some(r.id.as_bytes()));
+                        prop_assert!(r.size() <= max);
+                    }
+                    Err(bad) => {
+                        prop_assert!(!bad.reason.is_empty());
+                        prop_assert_eq!(bad.value, payload);
+                        if bad.key.is_some() {
+                            prop_assert_eq!(bad.key, key);
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn any_headers_column_is_an_object_or_a_named_error(
+                raw in prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..100),
+                    "\\{(\"[a-z]{0,3}\": ?(\"[^\"]{0,4}\"|[0-9]|true|null|\\{\\}|\\[1\\]), ?){0,3}\"z\": 1\\}"
+                        .prop_map(String::into_bytes),
+                    Just(b"null".to_vec()),
+                    Just(b"[1,2]".to_vec()),
+                ]
+            ) {
+                let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&raw);
+                match (user_headers(&raw), parsed) {
+                    (Ok(h), Ok(serde_json::Value::Object(o))) => {
+                        prop_assert_eq!(h.len(), o.len());
+                        for (k, v) in &h {
+                            let want = match &o[k.as_ref()] {
+                                serde_json::Value::String(s) => s.clone().into_bytes(),
+                                other => other.to_string().into_bytes(),
+                            };
+                            prop_assert_eq!(v, &want);
+                        }
+                    }
+                    (Ok(h), Ok(serde_json::Value::Null)) => prop_assert!(h.is_empty()),
+                    (Ok(h), other) => prop_assert!(false, "accepted {:?} as {:?}", other, h),
+                    (Err(e), _) => prop_assert!(e.starts_with("headers column"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn any_template_parses_or_names_the_problem(s in "\\PC{0,40}", agg in "\\PC{0,20}") {
+                if let Ok(t) = TopicTemplate::parse(&s) {
+                    let v = TemplateValues { aggregate_type: &agg, event_type: "E", database: "d", table: "t" };
+                    if let Ok(topic) = t.render(&v) {
+                        prop_assert!(validate_topic_name(&topic).is_ok());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -600,4 +600,117 @@ mod tests {
         ];
         assert_eq!(format_uuid(&b), "3e11fa47-71ca-11e1-9e33-c80aa9429562");
     }
+
+    /// Fuzzing the parsers a checkpoint, a config and the binlog feed: any
+    /// input is an error or a value that prints and parses back to itself;
+    /// nothing panics. (`PROPTEST_CASES` raises the count.)
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn maria() -> impl Strategy<Value = MariaGtidList> {
+            proptest::collection::btree_map(any::<u32>(), (any::<u32>(), any::<u64>()), 0..5)
+                .prop_map(|m| {
+                    let mut l = MariaGtidList::default();
+                    for (domain, (server, seq)) in m {
+                        l.advance(MariaGtid {
+                            domain,
+                            server,
+                            seq,
+                        });
+                    }
+                    l
+                })
+        }
+
+        fn mysql() -> impl Strategy<Value = MysqlGtidSet> {
+            proptest::collection::vec((any::<[u8; 16]>(), 1..u64::MAX, 0..1000u64), 0..5).prop_map(
+                |v| {
+                    let mut s = MysqlGtidSet::default();
+                    for (uuid, start, len) in v {
+                        let u = format_uuid(&uuid);
+                        for g in start..start.saturating_add(len % 4).max(start) {
+                            s.add(&u, g);
+                        }
+                        s.add(&u, start.saturating_add(len));
+                    }
+                    s
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_text_parses_or_fails_without_panicking(s in "\\PC{0,80}") {
+                let _ = s.parse::<MariaGtidList>();
+                let _ = s.parse::<MysqlGtidSet>();
+                let _ = s.parse::<FilePos>();
+                let _ = Gtid::parse(&s);
+                if let Ok(start) = s.parse::<StartFrom>() {
+                    prop_assert_eq!(start.to_string().parse::<StartFrom>().ok(), Some(start));
+                }
+            }
+
+            #[test]
+            fn gtid_shaped_text_parses_or_fails_without_panicking(
+                s in "[0-9a-f:,\\- ]{0,120}"
+            ) {
+                if let Ok(g) = Gtid::parse(&s) {
+                    let printed = g.to_string();
+                    let again = Gtid::parse(&printed).expect("printed GTID parses");
+                    prop_assert_eq!(again.to_string(), printed);
+                }
+            }
+
+            #[test]
+            fn mariadb_lists_round_trip(l in maria()) {
+                prop_assert_eq!(l.to_string().parse::<MariaGtidList>(), Ok(l.clone()));
+                prop_assert!(l.contains(&l));
+            }
+
+            #[test]
+            fn mysql_sets_round_trip(s in mysql()) {
+                prop_assert_eq!(s.to_string().parse::<MysqlGtidSet>(), Ok(s.clone()));
+            }
+
+            #[test]
+            fn checkpoints_round_trip_through_json(
+                l in maria(),
+                set in mysql(),
+                file in "[a-z0-9._:-]{1,30}",
+                pos in 4..u64::MAX,
+                commit_ts in any::<u32>(),
+                which in 0..3u8,
+            ) {
+                let gtid = match which {
+                    0 => None,
+                    1 => Some(Gtid::MariaDb(l)),
+                    _ => Some(Gtid::MySql(set)),
+                };
+                let p = Position { gtid, file: FilePos { file, pos }, commit_ts };
+                let json = serde_json::to_string(&p).expect("json");
+                let back: Position = serde_json::from_str(&json).expect("parse back");
+                prop_assert_eq!(back.file, p.file);
+                prop_assert_eq!(back.commit_ts, p.commit_ts);
+                // An empty set prints as "" in either flavour; both mean "nothing yet".
+                prop_assert_eq!(
+                    back.gtid.map(|g| g.to_string()),
+                    p.gtid.map(|g| g.to_string())
+                );
+            }
+
+            #[test]
+            fn raw_mariadb_events_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200), server in any::<u32>()) {
+                if let Some((g, _)) = parse_mariadb_gtid_event(&data, server) {
+                    prop_assert!(data.len() >= 13);
+                    prop_assert_eq!(g.server, server);
+                }
+                if let Some(l) = parse_mariadb_gtid_list_event(&data) {
+                    prop_assert!(l.iter().count() * 16 + 4 <= data.len());
+                }
+            }
+        }
+    }
 }
