@@ -243,6 +243,8 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
         );
     }
 
+    malformed_resources_are_refused_naming_the_field(&client, &ns.name).await;
+
     // A spec change rolls the pods (new config hash) and scales.
     let before = config_hash(&d);
     relays
@@ -321,6 +323,105 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
     )
     .await;
     operator.abort();
+}
+
+/// Merges `change` into `into` (objects key by key, anything else replaced).
+fn merge(into: &mut serde_json::Value, change: &serde_json::Value) {
+    match (into, change) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+/// What the API server refuses (schema types, unknown fields with strict
+/// field validation, patterns, lengths, CEL rules), each error naming the
+/// field; and what it accepts but the operator's validation refuses, shown
+/// as `Ready=False`, reason `InvalidSpec`, naming the field.
+async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &str) {
+    use kube::api::{ApiResource, DynamicObject, ValidationDirective};
+    let ar = ApiResource::erase::<OutboxRelay>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let text = std::fs::read_to_string(root().join("config/samples/outboxrelay-minimal.yaml"))
+        .expect("sample");
+    let minimal: serde_json::Value = serde_saphyr::from_str(&text).expect("sample YAML");
+    let strict = PatchParams {
+        field_validation: Some(ValidationDirective::Strict),
+        ..PatchParams::apply("outbox-e2e").force()
+    };
+    let object = |name: &str, change: serde_json::Value| {
+        let mut o = minimal.clone();
+        o["metadata"] = serde_json::json!({"name": name, "namespace": ns});
+        merge(&mut o["spec"], &change);
+        serde_json::from_value::<DynamicObject>(o).expect("object")
+    };
+    for (change, field) in [
+        (serde_json::json!({"replicas": "two"}), "spec.replicas"),
+        (serde_json::json!({"replicaz": 2}), "replicaz"),
+        (
+            serde_json::json!({"heartbeatInterval": "-5s"}),
+            "spec.heartbeatInterval",
+        ),
+        (
+            serde_json::json!({"mysql": {"passwordSecret": {"key": ""}}}),
+            "spec.mysql.passwordSecret.key",
+        ),
+        (
+            serde_json::json!({"kafka": {"badRowPolicy": "DeadLetter"}}),
+            "deadLetterTopic is required with badRowPolicy: DeadLetter",
+        ),
+        (
+            serde_json::json!({"redis": {"caSecret": {"name": "ca", "key": "ca.crt"}}}),
+            "url must start with rediss://",
+        ),
+    ] {
+        let e = api
+            .patch(
+                "malformed",
+                &strict,
+                &Patch::Apply(object("malformed", change.clone())),
+            )
+            .await
+            .expect_err(&format!("the API server must refuse {change}"));
+        let msg = match &e {
+            kube::Error::Api(s) => s.message.clone(),
+            other => other.to_string(),
+        };
+        assert!(
+            msg.contains(field),
+            "refusing {change}: `{field}` not in: {msg}"
+        );
+    }
+    // Accepted by the schema, refused by the operator's validation.
+    let twice =
+        serde_json::json!({"mysql": {"outboxes": [{"database": "shop"}, {"database": "shop"}]}});
+    api.patch("twice", &strict, &Patch::Apply(object("twice", twice)))
+        .await
+        .expect("the schema accepts it");
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), ns);
+    let ready = wait_for(
+        "twice: Ready=False, InvalidSpec",
+        Duration::from_secs(60),
+        || async {
+            let r = relays.get("twice").await.ok()?;
+            r.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "InvalidSpec")
+        },
+    )
+    .await;
+    assert!(
+        ready.message.contains("spec.mysql.outboxes[1]"),
+        "{}",
+        ready.message
+    );
+    api.delete("twice", &DeleteParams::default())
+        .await
+        .expect("delete");
 }
 
 fn condition(r: &OutboxRelay, t: &str) -> Option<(String, String)> {
