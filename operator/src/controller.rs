@@ -1077,6 +1077,26 @@ mod tests {
             secrets.get_mut(name).expect("secret")["data"][key] =
                 json!(base64::engine::general_purpose::STANDARD.encode(value));
         }
+        // Everything the operator and its clients log, at debug level.
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_env_filter("debug")
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
         let leaks = |sent: &str, when: &str| {
             for (_, _, v) in values {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(v);
@@ -1109,6 +1129,12 @@ mod tests {
         reconcile(r, ctx.clone()).await.expect("delete");
         leaks(&everything_sent(&log), "deletion");
         leaks(&ctx.metrics.encode(), "metrics");
+        let logged = String::from_utf8_lossy(&logs.0.lock().expect("log buffer")).into_owned();
+        assert!(
+            logged.contains("request"),
+            "the capture sees the client's debug logging: {logged}"
+        );
+        leaks(&logged, "logs");
     }
 
     /// A relay with what its leader reported `age_s` seconds ago.
