@@ -19,6 +19,7 @@ use crate::position::{
     parse_mariadb_gtid_event, parse_mariadb_gtid_list_event, FilePos, Gtid, MariaGtid,
     MariaGtidList, MysqlGtidSet, Position, StartFrom,
 };
+use crate::rows::RowLayout;
 
 /// Errors of the source. Transient ones are retried by reconnecting at the
 /// last commit; definite ones stop the relay with the message.
@@ -438,12 +439,13 @@ pub async fn check_resume_point(
 /// What the source hands to the pipeline.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// An inserted outbox row, mapped or bad. `at` is `file:pos` of its event.
+    /// An inserted outbox row, mapped or bad. `at` is `file:pos` of its
+    /// event; the strings are shared by the rows of an event or transaction.
     Row {
-        table: String,
+        table: Arc<str>,
         result: Result<Record, BadRow>,
-        at: String,
-        gtid: Option<String>,
+        at: Arc<str>,
+        gtid: Option<Arc<str>>,
     },
     /// A transaction committed; resuming from `position` starts after it.
     Commit { position: Position, rows: usize },
@@ -451,8 +453,8 @@ pub enum SourceEvent {
 
 #[derive(Debug, Default)]
 struct Txn {
-    /// Header text of the transaction's GTID.
-    gtid_text: Option<String>,
+    /// Header text of the transaction's GTID (shared by its rows).
+    gtid_text: Option<Arc<str>>,
     maria: Option<MariaGtid>,
     mysql: Option<([u8; 16], u64)>,
     /// Inside BEGIN ... COMMIT/XID (a MariaDB GTID opens it unless standalone);
@@ -472,13 +474,19 @@ const MARIA_QUERY_COMPRESSED: u8 = 165;
 const MARIA_ROWS_COMPRESSED_FIRST: u8 = 166;
 const MARIA_ROWS_COMPRESSED_LAST: u8 = 171;
 
+/// A configured outbox table as the binlog describes it.
+struct OutboxTable {
+    mapping: TableMapping,
+    layout: RowLayout,
+}
+
 /// An open binlog stream and the transaction being read.
 struct Reader {
     stream: BinlogStream,
     file: String,
     gtid: Option<Gtid>,
     txn: Option<Txn>,
-    tables: HashMap<u64, Option<Arc<TableMapping>>>,
+    tables: HashMap<u64, Option<Arc<OutboxTable>>>,
     checksum: bool,
     seen_fde: bool,
 }
@@ -710,7 +718,10 @@ impl Source {
                 let gno = g.gno();
                 let reader = self.reader.as_mut().expect("reader is open");
                 reader.txn = Some(Txn {
-                    gtid_text: Some(format!("{}:{gno}", crate::position::format_uuid(&uuid))),
+                    gtid_text: Some(Arc::from(format!(
+                        "{}:{gno}",
+                        crate::position::format_uuid(&uuid)
+                    ))),
                     mysql: Some((uuid, gno)),
                     ..Txn::default()
                 });
@@ -777,7 +788,7 @@ impl Source {
                         ))
                     })?;
                 reader.txn = Some(Txn {
-                    gtid_text: Some(g.to_string()),
+                    gtid_text: Some(Arc::from(g.to_string())),
                     maria: Some(g),
                     // FL_STANDALONE: a DDL statement without BEGIN/COMMIT.
                     open: flags & 1 == 0,
@@ -833,7 +844,7 @@ impl Source {
     fn mapping_for(
         &self,
         tme: &mysql_async::binlog::events::TableMapEvent<'_>,
-    ) -> Result<Option<Arc<TableMapping>>, SourceError> {
+    ) -> Result<Option<Arc<OutboxTable>>, SourceError> {
         let db = tme.database_name();
         let table = tme.table_name();
         let Some(idx) = self
@@ -863,19 +874,20 @@ impl Source {
                  is not FULL (it was changed after start?). Set binlog_row_metadata=FULL"
             )));
         }
-        Ok(Some(Arc::new(TableMapping::new(
-            idx,
-            &self.cfg.outboxes[idx],
-            &names,
-        ))))
+        let mapping = TableMapping::new(idx, &self.cfg.outboxes[idx], &names);
+        let layout = RowLayout::new(tme, &names, |i| mapping.uses(i)).map_err(|e| {
+            SourceError::Definite(format!("the table map of {db}.{table} is unreadable: {e}"))
+        })?;
+        Ok(Some(Arc::new(OutboxTable { mapping, layout })))
     }
 
     fn handle_rows(&mut self, rows: RowsEventData<'_>, log_pos: u64) -> Result<(), SourceError> {
         let reader = self.reader.as_mut().expect("reader is open");
         let table_id = rows.table_id();
-        let Some(Some(mapping)) = reader.tables.get(&table_id).cloned() else {
+        let Some(Some(table)) = reader.tables.get(&table_id).cloned() else {
             return Ok(());
         };
+        let mapping = &table.mapping;
         let kind = match &rows {
             RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => None,
             RowsEventData::UpdateRowsEvent(_)
@@ -885,35 +897,35 @@ impl Source {
                 Some("delete")
             }
         };
-        let Some(tme) = reader.stream.get_tme(table_id) else {
-            return Err(SourceError::Definite(format!(
-                "rows event for table id {table_id} without its table map at {}:{log_pos}",
-                reader.file
-            )));
-        };
         if let Some(kind) = kind {
+            // Rare: counted, not relayed (mysql_common decodes them).
+            let Some(tme) = reader.stream.get_tme(table_id) else {
+                return Err(SourceError::Definite(format!(
+                    "rows event for table id {table_id} without its table map at {}:{log_pos}",
+                    reader.file
+                )));
+            };
             let n = rows.rows(tme).count() as u64;
             self.metrics
                 .ignored
                 .get_or_create(&vec![
-                    ("table".to_string(), mapping.name.clone()),
+                    ("table".to_string(), mapping.name.to_string()),
                     ("kind".to_string(), kind.to_string()),
                 ])
                 .inc_by(n);
             return Ok(());
         }
         let txn = reader.txn.get_or_insert_with(Txn::default);
-        let at = format!("{}:{log_pos}", reader.file);
+        let at: Arc<str> = Arc::from(format!("{}:{log_pos}", reader.file));
         let ctx_gtid = txn.gtid_text.clone();
         let mapper = &self.mappers[mapping.outbox];
-        for row in rows.rows(tme) {
-            let (_, after) = row.map_err(|e| {
+        for after in table.layout.after_images(&rows) {
+            let after = after.map_err(|e| {
                 SourceError::Definite(format!(
                     "cannot decode a row of {} at {at}: {e}",
                     mapping.name
                 ))
             })?;
-            let Some(after) = after else { continue };
             txn.rows += 1;
             if self.replay_skip > 0 {
                 self.replay_skip -= 1;

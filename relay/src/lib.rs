@@ -24,6 +24,8 @@ pub mod outbox;
 pub mod pipeline;
 pub mod position;
 #[cfg(feature = "relay")]
+mod rows;
+#[cfg(feature = "relay")]
 pub mod status;
 #[cfg(feature = "relay")]
 pub mod telemetry;

@@ -12,6 +12,12 @@ use outbox_relay::pipeline::{self, Health};
 use outbox_relay::status::{Progress, Reporter};
 use outbox_relay::{http, telemetry};
 
+/// Records are allocated by the binlog reader and freed by the acknowledger
+/// and librdkafka's threads: mimalloc's thread-local heaps avoid the arena
+/// lock contention glibc shows there (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Streams committed outbox rows from the MySQL binlog to Kafka.
 #[derive(Parser)]
 #[command(version)]

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::value::BinlogValue;
@@ -74,7 +75,7 @@ pub struct BadRow {
 #[derive(Debug, Clone)]
 pub struct TableMapping {
     /// `database.table`
-    pub name: String,
+    pub name: Arc<str>,
     pub outbox: usize,
     cols: Result<Cols, Missing>,
 }
@@ -141,9 +142,29 @@ impl TableMapping {
             payload: find(&c.payload),
         });
         TableMapping {
-            name: format!("{}.{}", cfg.database, cfg.table),
+            name: Arc::from(format!("{}.{}", cfg.database, cfg.table)),
             outbox,
             cols,
+        }
+    }
+}
+
+impl TableMapping {
+    /// Whether the mapping reads column `i`: only those are decoded.
+    pub fn uses(&self, i: usize) -> bool {
+        match &self.cols {
+            Ok(c) => {
+                [
+                    c.id,
+                    c.aggregate_type,
+                    c.aggregate_id,
+                    c.event_type,
+                    c.payload,
+                ]
+                .contains(&i)
+                    || c.headers == Some(i)
+            }
+            Err(m) => [m.id, m.key, m.payload].contains(&Some(i)),
         }
     }
 }

@@ -349,7 +349,6 @@ async fn lead_term(
         .set(lead.acquired().elapsed().as_secs_f64());
     let epoch_text = epoch.to_string();
     let max_bytes = binlog::max_message_bytes(cfg);
-    let mut tables: HashMap<String, Arc<str>> = HashMap::new();
 
     let mut result: Result<(), RelayError> = Ok(());
     let mut acker_done = None;
@@ -409,13 +408,9 @@ async fn lead_term(
                 gtid,
             } => {
                 open_rows += 1;
-                let table_arc = tables
-                    .entry(table.clone())
-                    .or_insert_with(|| Arc::from(table.as_str()))
-                    .clone();
                 let outcome = match row {
                     Ok(rec) => match sink.send(&rec).await {
-                        Ok(Sent::Queued(fut)) => Ok(delivery(fut, table_arc.clone(), rec, false)),
+                        Ok(Sent::Queued(fut)) => Ok(delivery(fut, table.clone(), rec, false)),
                         Ok(Sent::Refused(reason)) => Err(BadRow {
                             reason,
                             id: Some(rec.id),
@@ -449,7 +444,7 @@ async fn lead_term(
                                     max_bytes,
                                 );
                                 match sink.send(&rec).await {
-                                    Ok(Sent::Queued(fut)) => delivery(fut, table_arc, rec, true),
+                                    Ok(Sent::Queued(fut)) => delivery(fut, table, rec, true),
                                     Ok(Sent::Refused(reason)) => {
                                         // Even the reason-only record is too big: give up clearly.
                                         result = Err(bad_row_error(&bad, &table, &at, gtid.as_deref(), &format!("{}; its dead-letter record was refused too: {reason}", bad.reason)));

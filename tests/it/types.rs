@@ -141,6 +141,20 @@ async fn every_column_type_is_decoded_and_the_relay_keeps_going() {
         .await
         .unwrap_or_else(|e| panic!("update {i}: {e}"));
     }
+    // Several typed rows in one statement, so one rows event holds them: a
+    // value decoded with the wrong length would shift every row after it.
+    c.query_drop(format!(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, {cols}) VALUES \
+         ('Order', 'm0', 'Typed', '{{\"multi\":0}}', {a}), \
+         ('Order', 'm1', 'Typed', '{{\"multi\":1}}', {b}), \
+         ('Order', 'm2', 'Typed', '{{\"multi\":2}}', {a}), \
+         ('Order', 'm3', 'Typed', '{{\"multi\":3}}', {b})",
+        a = VALUES[0],
+        b = VALUES[2],
+    ))
+    .await
+    .expect("multi-row insert");
+    outbox += 4;
     c.query_drop("DELETE FROM zoo WHERE id % 2 = 0")
         .await
         .expect("delete");
@@ -161,6 +175,21 @@ async fn every_column_type_is_decoded_and_the_relay_keeps_going() {
     let report = check(&rows, &recs);
     report.assert_complete();
     assert_eq!(report.duplicates, 0);
+    // Every payload exactly as stored.
+    let mut c = db.pool.get_conn().await.expect("connect");
+    let stored: Vec<(u64, Vec<u8>)> = c
+        .query("SELECT id, payload FROM outbox ORDER BY id")
+        .await
+        .expect("payloads");
+    drop(c);
+    for (id, payload) in stored {
+        let r = recs.iter().find(|r| r.id() == id).expect("record");
+        assert_eq!(
+            r.value.as_deref(),
+            Some(payload.as_slice()),
+            "payload of row {id}"
+        );
+    }
     // The updates of outbox rows were counted, not relayed.
     assert!(
         relay.metric("outbox_relay_ignored_rows_total").await >= 6.0,
