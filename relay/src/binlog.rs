@@ -932,7 +932,7 @@ impl Source {
                 continue;
             }
             let result = mapper.map(
-                &mapping,
+                mapping,
                 after,
                 RowContext {
                     gtid: ctx_gtid.as_deref(),
