@@ -40,7 +40,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     // Java-compatible key → partition hashing.
     ("partitioner", "murmur2_random"),
     ("linger.ms", "2"),
-    ("queue.buffering.max.kbytes", "16384"),
+    ("queue.buffering.max.kbytes", "4096"),
     ("queue.buffering.max.messages", "100000"),
 ];
 

@@ -13,10 +13,49 @@ use outbox_relay::status::{Progress, Reporter};
 use outbox_relay::{http, telemetry};
 
 /// Records are allocated by the binlog reader and freed by the acknowledger
-/// and librdkafka's threads: mimalloc's thread-local heaps avoid the arena
-/// lock contention glibc shows there (see BENCHMARKS.md).
+/// and librdkafka's threads: mimalloc (which also serves librdkafka's own
+/// `malloc`, through the crate's `override` feature) avoids the arena lock
+/// contention and most of the allocation cost glibc showed there
+/// (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's defaults keep the memory of a drained backlog committed; with
+/// these it goes back to the system within moments (peak and idle RSS in
+/// BENCHMARKS.md). mimalloc reads them when the process starts.
+const ALLOCATOR_ENV: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+];
+
+/// Started without the allocator settings, the relay executes itself again
+/// once with them (same process id and arguments; values already set win).
+fn apply_allocator_settings() {
+    use std::os::unix::process::CommandExt;
+    if ALLOCATOR_ENV
+        .iter()
+        .all(|(k, _)| std::env::var_os(k).is_some())
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(args);
+    for (k, v) in ALLOCATOR_ENV {
+        if std::env::var_os(k).is_none() {
+            cmd.env(k, v);
+        }
+    }
+    // Returns only if the execution failed.
+    let err = cmd.exec();
+    eprintln!("outbox-relay: running with mimalloc's default settings ({err})");
+}
 
 /// Streams committed outbox rows from the MySQL binlog to Kafka.
 #[derive(Parser)]
@@ -27,10 +66,20 @@ struct Args {
     config: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    apply_allocator_settings();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Also on stderr for a config error, before logging is set up.

@@ -209,7 +209,7 @@ async fn drain_once(rows: usize) -> Drain {
         peak = peak.max(proc_stats(pid).0);
         if checkpoint(&f.name)
             .await
-            .is_some_and(|(_, p)| p.file.file == head.0 && p.file.pos >= head.1)
+            .is_some_and(|(_, p)| (&p.file.file, p.file.pos) >= (&head.0, head.1))
         {
             break;
         }

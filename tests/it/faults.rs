@@ -262,17 +262,7 @@ async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
             .await
             .unwrap();
     }
-    let head = db.head().await;
-    wait_for(
-        "checkpoint at the head",
-        Duration::from_secs(30),
-        || async {
-            checkpoint(name)
-                .await
-                .filter(|(_, p)| p.file.pos >= head.1 && p.file.file == head.0)
-        },
-    )
-    .await;
+    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
     let dead = read_topics(std::slice::from_ref(&dlq), 6, Duration::from_secs(30)).await;
     let reasons: Vec<(u64, String)> = dead
         .iter()

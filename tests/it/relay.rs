@@ -85,17 +85,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
         assert_eq!(r.header("outbox.epoch"), Some(&b"1"[..]));
     }
     // The checkpoint reaches the head once everything is acknowledged.
-    let head = db.head().await;
-    wait_for(
-        "checkpoint at the binlog head",
-        Duration::from_secs(30),
-        || async {
-            checkpoint(name)
-                .await
-                .filter(|(_, p)| p.file.file == head.0 && p.file.pos >= head.1)
-        },
-    )
-    .await;
+    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
     assert!(relay.terminate().await.success(), "{}", relay.logs());
 }
 
@@ -210,13 +200,7 @@ async fn noise_is_ignored() {
             .await;
     }
 
-    let head = db.head().await;
-    wait_for(
-        "checkpoint at the binlog head",
-        Duration::from_secs(30),
-        || async { checkpoint(name).await.filter(|(_, p)| p.file.pos >= head.1) },
-    )
-    .await;
+    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
     let recs = read_topics(ts, 2, Duration::from_secs(30)).await;
     let ids: Vec<u64> = recs.iter().map(Rec::id).collect();
     assert_eq!(ids, vec![first[0], second[0]]);
