@@ -117,7 +117,7 @@ impl Sink {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_millis(50));
+                    wait = (wait * 2).min(Duration::from_millis(5));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
                     return Ok(Sent::Refused(format!(
