@@ -82,7 +82,7 @@ impl Metrics {
             lag_seconds: Gauge::default(),
             epoch: Gauge::default(),
             lag_bytes: Gauge::default(),
-            ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            ack_latency: Histogram::new(exponential_buckets(0.000_5, 1.5, 24)),
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
             takeover_seconds: Gauge::default(),
