@@ -110,20 +110,7 @@ async fn reject_malformed(m: &Malformed, ctx: &Context) -> Result<Action, Error>
         ..ObjectReference::default()
     };
     publish_to(ctx, &reference, EventType::Warning, "InvalidSpec", &message).await;
-    let conds = [
-        Cond {
-            type_: "Ready",
-            status: false,
-            reason: "InvalidSpec",
-            message: message.clone(),
-        },
-        Cond {
-            type_: "Degraded",
-            status: true,
-            reason: "InvalidSpec",
-            message,
-        },
-    ];
+    let conds = not_ready("InvalidSpec", message);
     apply_conditions(&relays, &m.metadata, &[], &conds).await?;
     ctx.metrics.outcome("invalid_spec");
     Ok(Action::await_change())
@@ -168,20 +155,7 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
             // A bad spec waits for the user: no retry loop, no crash.
             let message = e.to_string();
             publish(ctx, obj, EventType::Warning, "InvalidSpec", &message).await;
-            let conds = [
-                Cond {
-                    type_: "Ready",
-                    status: false,
-                    reason: "InvalidSpec",
-                    message: message.clone(),
-                },
-                Cond {
-                    type_: "Degraded",
-                    status: true,
-                    reason: "InvalidSpec",
-                    message,
-                },
-            ];
+            let conds = not_ready("InvalidSpec", message);
             patch_status(&relays, obj, &conds).await?;
             ctx.metrics.outcome("invalid_spec");
             return Ok(Action::await_change());
@@ -205,20 +179,7 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
         };
         if let Some(message) = missing {
             publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
-            let conds = [
-                Cond {
-                    type_: "Ready",
-                    status: false,
-                    reason: "MissingSecret",
-                    message: message.clone(),
-                },
-                Cond {
-                    type_: "Degraded",
-                    status: true,
-                    reason: "MissingSecret",
-                    message,
-                },
-            ];
+            let conds = not_ready("MissingSecret", message);
             patch_status(&relays, obj, &conds).await?;
             ctx.metrics.outcome("missing_secret");
             // The Secret watch brings us back when it appears; poll too.
@@ -412,6 +373,25 @@ async fn secret_value(
             .map(|b| Some(b.0.clone()))
             .ok_or_else(|| format!("Secret {ns}/{} has no key `{}` ({field})", r.name, r.key)),
     })
+}
+
+/// `Ready=False` and `Degraded=True`, for the same reason and message: a
+/// problem the user has to fix.
+fn not_ready(reason: &'static str, message: String) -> [Cond; 2] {
+    [
+        Cond {
+            type_: "Ready",
+            status: false,
+            reason,
+            message: message.clone(),
+        },
+        Cond {
+            type_: "Degraded",
+            status: true,
+            reason,
+            message,
+        },
+    ]
 }
 
 /// API errors: retry with a short backoff.
@@ -1058,6 +1038,36 @@ mod tests {
             .collect()
     }
 
+    /// Everything this test binary logs, at debug level (the operator and
+    /// its clients): one process-wide subscriber, set once.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn captured_logs() -> Captured {
+        static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Captured::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter("debug")
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+            logs
+        })
+        .clone()
+    }
+
     #[tokio::test]
     async fn secret_values_never_leave_the_secrets() {
         use base64::Engine as _;
@@ -1077,26 +1087,7 @@ mod tests {
             secrets.get_mut(name).expect("secret")["data"][key] =
                 json!(base64::engine::general_purpose::STANDARD.encode(value));
         }
-        // Everything the operator and its clients log, at debug level.
-        #[derive(Clone, Default)]
-        struct Captured(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("log buffer").extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let _logging = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_env_filter("debug")
-                .with_writer(move || writer.clone())
-                .finish(),
-        );
+        let logs = captured_logs();
         let leaks = |sent: &str, when: &str| {
             for (_, _, v) in values {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(v);

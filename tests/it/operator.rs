@@ -122,30 +122,7 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
     // and `passwordSecret` describe it.
     let scratch = crate::support::Scratch::new("delete-tls");
     let certs = crate::security::make_certs(&scratch.0.join("certs"));
-    let (cert, key, ca) = (
-        certs.cert.display().to_string(),
-        certs.key.display().to_string(),
-        certs.ca.display().to_string(),
-    );
-    let redis = crate::support::PrivateRedis::start_with(
-        &scratch.0,
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            "{port}",
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            "tls-pass",
-        ],
-    );
+    let redis = crate::security::tls_redis(&scratch.0, &certs, &["--requirepass", "tls-pass"]);
     let url = format!("rediss://127.0.0.1:{}/0", redis.port);
     let seed = redis::Client::build_with_tls(
         format!("rediss://:tls-pass@127.0.0.1:{}/0", redis.port).as_str(),

@@ -52,24 +52,8 @@ async fn broker_restart_and_outage_lose_nothing() {
     let scratch = Scratch::new("broker-outage");
     let broker = PrivateBroker::start(&scratch.0);
     let f = Fixture::new("brokerdown", MYSQL_PORT, &["Order"], 3).await;
-    let create = format!(
-        "create_topics = {{ topics = [\"{}\"], partitions = 3 }}",
-        f.topics[0]
-    );
-    let spec = RelaySpec {
-        extra_kafka: &create,
-        extra: "[status]\ninterval = \"500ms\"\n",
-        ..f.spec()
-    };
+    let mut relay = start_on_broker(&f, &broker, 3).await;
     let addr = broker.addr();
-    let port = free_port();
-    let mut relay = Relay::start(
-        &f.dir.0,
-        &spec.toml(port),
-        port,
-        &[("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS", addr.as_str())],
-    );
-    relay.wait_ready().await;
     let stop = Arc::new(AtomicBool::new(false));
     // About 300 rows/s.
     let writing = steady_writer(f.db.clone(), stop.clone(), 3, 40, Duration::from_millis(10));

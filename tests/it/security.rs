@@ -104,6 +104,32 @@ pub fn make_certs(dir: &Path) -> Certs {
     }
 }
 
+/// A Redis of the test's own that speaks only TLS, with `certs`' server
+/// certificate, and `extra` arguments.
+pub fn tls_redis(dir: &Path, certs: &Certs, extra: &[&str]) -> PrivateRedis {
+    let (cert, key, ca) = (
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+        certs.ca.display().to_string(),
+    );
+    let mut args = vec![
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ];
+    args.extend_from_slice(extra);
+    PrivateRedis::start_with(dir, &args)
+}
+
 /// Creates a replication user with `password` on `db`'s server.
 async fn create_user(db: &TestDb, user: &str, password: &str, require_ssl: bool) {
     let tls = if require_ssl { " REQUIRE SSL" } else { "" };
@@ -194,25 +220,17 @@ async fn secret_values_never_reach_logs_metrics_or_status() {
 
     // A wrong MySQL password: a definite error naming the user.
     let mut relay = start(&wrong, &redis_secret);
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    assert!(!status.success());
-    assert!(
-        relay.logs().contains("Access denied for user"),
-        "{}",
-        relay.logs()
-    );
+    relay.wait_failure(&["Access denied for user"]).await;
     assert_no_secret(&relay, &secrets, "wrong MySQL password").await;
 
     // A wrong Redis password: refused for good, not retried forever.
     let mut relay = start(&mysql_secret, &wrong);
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    assert!(!status.success());
-    assert!(
-        relay.logs().contains("redis refused the connection")
-            && relay.logs().contains("OUTBOX_RELAY_REDIS_PASSWORD"),
-        "{}",
-        relay.logs()
-    );
+    relay
+        .wait_failure(&[
+            "redis refused the connection",
+            "OUTBOX_RELAY_REDIS_PASSWORD",
+        ])
+        .await;
     assert_no_secret(&relay, &secrets, "wrong Redis password").await;
 }
 
@@ -276,22 +294,15 @@ async fn tls_to_mariadb_require_verify_and_a_wrong_ca() {
         "tls = {{ mode = \"verify-ca\", ca_file = \"{}\" }}",
         certs.other_ca.display()
     ));
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    let logs = relay.logs();
-    assert!(!status.success(), "{logs}");
+    let logs = relay.wait_failure(&[]).await;
     assert!(
         logs.to_ascii_lowercase().contains("certificate"),
         "the error names the certificate problem: {logs}"
     );
     // Without TLS the TLS-only user is refused: the runs above were encrypted.
-    let mut relay = run(String::new());
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    assert!(!status.success());
-    assert!(
-        relay.logs().contains("Access denied for user"),
-        "{}",
-        relay.logs()
-    );
+    run(String::new())
+        .wait_failure(&["Access denied for user"])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,29 +310,7 @@ async fn tls_to_redis_with_the_test_ca() {
     services();
     let scratch = Scratch::new("redis-tls");
     let certs = make_certs(&scratch.0.join("certs"));
-    let (cert, key, ca) = (
-        certs.cert.display().to_string(),
-        certs.key.display().to_string(),
-        certs.ca.display().to_string(),
-    );
-    // TLS only: the plain port is off.
-    let redis = PrivateRedis::start_with(
-        &scratch.0,
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            "{port}",
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-        ],
-    );
+    let redis = tls_redis(&scratch.0, &certs, &[]);
     let url = format!("rediss://127.0.0.1:{}/0", redis.port);
     let f = Fixture::new("rtls", MYSQL_PORT, &["Order"], 1).await;
     let run = |ca_file: Option<&Path>| {
@@ -348,12 +337,7 @@ async fn tls_to_redis_with_the_test_ca() {
     assert!(relay.logs().contains("final checkpoint stored"));
 
     // The system's roots do not know the test's CA: refused, clearly.
-    let mut relay = run(None);
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    let logs = relay.logs();
-    assert!(!status.success(), "{logs}");
-    assert!(
-        logs.contains("redis refused the connection") && logs.contains("redis.ca_file"),
-        "{logs}"
-    );
+    run(None)
+        .wait_failure(&["redis refused the connection", "redis.ca_file"])
+        .await;
 }

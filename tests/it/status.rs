@@ -14,24 +14,8 @@ async fn reported_lag_grows_while_the_broker_is_down_and_returns_to_zero() {
     let server = PrivateDb::start(&scratch.0, &[]);
     let broker = PrivateBroker::start(&scratch.0);
     let f = Fixture::new("lag", server.port, &["Order"], 1).await;
-    let create = format!(
-        "create_topics = {{ topics = [\"{}\"], partitions = 1 }}",
-        f.topics[0]
-    );
-    let spec = RelaySpec {
-        extra_kafka: &create,
-        extra: "[status]\ninterval = \"500ms\"\n",
-        ..f.spec()
-    };
-    let port = free_port();
+    let mut relay = start_on_broker(&f, &broker, 1).await;
     let addr = broker.addr();
-    let mut relay = Relay::start(
-        &f.dir.0,
-        &spec.toml(port),
-        port,
-        &[("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS", addr.as_str())],
-    );
-    relay.wait_ready().await;
     for i in 0..5 {
         f.db.insert_txn(&[Ev::new("Order", &format!("o{i}"), "{}")])
             .await;

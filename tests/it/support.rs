@@ -552,6 +552,21 @@ impl Relay {
         .await
     }
 
+    /// Waits for the process to exit on an error: a non-zero status and a
+    /// log naming each of `wanted`. Returns the log.
+    pub async fn wait_failure(&mut self, wanted: &[&str]) -> String {
+        let status = self.wait_exit(Duration::from_secs(60)).await;
+        let logs = self.logs();
+        assert!(
+            !status.success(),
+            "the relay must exit non-zero; log:\n{logs}"
+        );
+        for w in wanted {
+            assert!(logs.contains(w), "expected `{w}` in:\n{logs}");
+        }
+        logs
+    }
+
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -974,6 +989,31 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.down();
     }
+}
+
+/// A relay for fixture `f` producing to `broker` (where it creates the
+/// fixture's topics with `partitions`), reporting every 500 ms; ready.
+pub async fn start_on_broker(f: &Fixture, broker: &PrivateBroker, partitions: i32) -> Relay {
+    let topics: Vec<String> = f.topics.iter().map(|t| format!("\"{t}\"")).collect();
+    let create = format!(
+        "create_topics = {{ topics = [{}], partitions = {partitions} }}",
+        topics.join(", ")
+    );
+    let spec = RelaySpec {
+        extra_kafka: &create,
+        extra: "[status]\ninterval = \"500ms\"\n",
+        ..f.spec()
+    };
+    let port = free_port();
+    let addr = broker.addr();
+    let mut relay = Relay::start(
+        &f.dir.0,
+        &spec.toml(port),
+        port,
+        &[("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS", addr.as_str())],
+    );
+    relay.wait_ready().await;
+    relay
 }
 
 /// A Redis of the test's own that keeps its data across restarts (AOF), like
