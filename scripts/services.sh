@@ -95,6 +95,15 @@ running() { # pidfile
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+# Refuses to start a service whose port another process already holds (say
+# the services of another checkout): the tests would talk to that one.
+port_free() { # port what
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    log "cannot start $2: 127.0.0.1:$1 is in use by another process (another checkout's services? run scripts/services.sh stop there)"
+    return 1
+  fi
+}
+
 mysqld_bin() { command -v mariadbd 2>/dev/null || echo /usr/sbin/mariadbd; }
 
 start_mariadb() { # dir port [args]
@@ -102,6 +111,7 @@ start_mariadb() { # dir port [args]
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/mysqld.pid"; then return 0; fi
+  port_free "$port" MariaDB || return 1
   if ! [ -d "$dir/data/mysql" ]; then
     mariadb-install-db --no-defaults --datadir="$dir/data" --user=root \
       --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1
@@ -133,6 +143,7 @@ start_redis() { # dir port [args]
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/redis.pid"; then return 0; fi
+  port_free "$port" Redis || return 1
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
     --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" "$@"
   wait_port 127.0.0.1 "$port" "Redis" 30
@@ -144,6 +155,7 @@ start_broker() { # dir port [sqlite|memory]
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/tansu.pid"; then return 0; fi
+  port_free "$port" "the tansu broker" || return 1
   # tansu resolves a sqlite:// path against its working directory.
   local storage="sqlite://tansu.db"
   [ "$engine" = memory ] && storage="memory://tansu/"
