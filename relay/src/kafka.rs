@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -73,10 +73,34 @@ pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
     Ok(cc)
 }
 
+/// librdkafka's log, in the relay's: at its own level, except the notice
+/// that `enable.gapless.guarantee` is experimental — the relay sets it on
+/// purpose (see `DEFAULTS`), so that notice is not a warning at every start.
+#[derive(Clone, Copy, Default)]
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        let expected = fac == "CONFWARN" && message.contains("enable.gapless.guarantee");
+        match level {
+            _ if expected => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+}
+
 /// Producer wrapper.
 #[derive(Clone)]
 pub struct Sink {
-    producer: FutureProducer,
+    producer: FutureProducer<RelayContext>,
 }
 
 /// What `send` hands back: the delivery to await, or a record the producer
@@ -88,8 +112,8 @@ pub enum Sent {
 
 impl Sink {
     pub fn new(cfg: &KafkaConfig) -> Result<Sink, SinkError> {
-        let producer: FutureProducer = client_config(cfg)?
-            .create()
+        let producer: FutureProducer<RelayContext> = client_config(cfg)?
+            .create_with_context(RelayContext)
             .map_err(|e| SinkError::Config(e.to_string()))?;
         Ok(Sink { producer })
     }
