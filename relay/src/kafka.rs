@@ -25,6 +25,10 @@ pub enum SinkError {
     /// The broker did not answer: retried.
     #[error("kafka: {0}")]
     Unavailable(String),
+    /// The producer stopped for good after a failed delivery (the gapless
+    /// guarantee): the stream restarts with a new one.
+    #[error("kafka producer failed: {0}")]
+    ProducerFailed(String),
 }
 
 /// Properties the relay sets; the guarantee-critical ones cannot be overridden.
@@ -148,6 +152,9 @@ impl Sink {
                         "record of {} bytes exceeds the producer's message.max.bytes",
                         rec.size()
                     )))
+                }
+                Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), _)) => {
+                    return Err(SinkError::ProducerFailed(e.to_string()))
                 }
                 Err((e, _)) => {
                     return Err(SinkError::Rejected {

@@ -68,6 +68,20 @@ pub enum RelayError {
     },
 }
 
+impl RelayError {
+    /// A Kafka failure that a new producer, resuming at the last
+    /// acknowledged commit, may get past.
+    fn restarts_stream(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Delivery {
+                transient: true,
+                ..
+            } | RelayError::Sink(SinkError::ProducerFailed(_))
+        )
+    }
+}
+
 /// Liveness and readiness, shared with the HTTP server.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -192,11 +206,7 @@ async fn run_relay(
         )
         .await
         {
-            Err(
-                e @ RelayError::Delivery {
-                    transient: true, ..
-                },
-            ) if lead.is_valid() && !shutdown.is_cancelled() => {
+            Err(e) if e.restarts_stream() && lead.is_valid() && !shutdown.is_cancelled() => {
                 warn!(error = %e, retry_in = ?backoff,
                     "restarting the stream at the last acknowledged commit with a new producer");
                 metrics.stream_restarts.inc();
@@ -498,8 +508,12 @@ async fn lead_term(
             ))))
         }
     });
-    // Report the first cause: a reader error explains an acker that stopped.
-    result.and(acked)
+    // Report the first cause: a reader error explains an acker that stopped,
+    // except a producer that failed after a delivery: the acker knows which.
+    match (result, acked) {
+        (Err(RelayError::Sink(SinkError::ProducerFailed(_))), Err(delivery)) => Err(delivery),
+        (result, acked) => result.and(acked),
+    }
 }
 
 fn bad_row_error(
@@ -751,5 +765,30 @@ where
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_kafka_failures_restart_the_stream() {
+        let delivery = |transient| RelayError::Delivery {
+            id: "7".into(),
+            topic: "t".into(),
+            message: "m".into(),
+            transient,
+        };
+        assert!(delivery(true).restarts_stream());
+        assert!(RelayError::Sink(SinkError::ProducerFailed("fatal".into())).restarts_stream());
+        // A record refused for good, or anything else, stops the relay.
+        assert!(!delivery(false).restarts_stream());
+        assert!(!RelayError::Sink(SinkError::Rejected {
+            id: "7".into(),
+            message: "unknown topic".into()
+        })
+        .restarts_stream());
+        assert!(!RelayError::LostLeadership { epoch: 3 }.restarts_stream());
     }
 }
