@@ -83,6 +83,13 @@ pub struct CheckpointStore {
     fence: Script,
 }
 
+/// Milliseconds since the epoch: a checkpoint's `updated_ms`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A stored checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -124,9 +131,8 @@ impl CheckpointStore {
                 redis::Client::build_with_tls(info, certs)
                     .map_err(|e| CheckpointError::Config(format!("redis.ca_file: {e}")))?
             }
-            None => {
-                redis::Client::open(info).map_err(|e| CheckpointError::Config(e.to_string()))?
-            }
+            None => redis::Client::open(info)
+                .map_err(|e| CheckpointError::Config(format!("redis.url: {e}")))?,
         };
         let mcfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -204,16 +210,13 @@ impl CheckpointStore {
             key: self.key.clone(),
             message: e.to_string(),
         })?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let mut c = self.conn.clone();
         let (ok, stored): (i64, u64) = self
             .cas
             .key(&self.key)
             .arg(epoch)
             .arg(json)
-            .arg(now_ms)
+            .arg(now_ms())
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::binlog::{self, Source, SourceError, SourceEvent};
-use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::checkpoint::{now_ms, CheckpointError, CheckpointStore};
 use crate::config::{BadRowPolicy, Config, ElectionMode};
 use crate::election::redis_lock::RedisLock;
 use crate::election::{process_identity, Backend, Elector, Leadership, LeaseLock};
@@ -708,12 +708,6 @@ async fn write(
             }
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Errors that say whether retrying may help.

@@ -83,12 +83,14 @@ impl RowLayout {
 
     /// The after-image of every row of a write-rows event.
     pub fn after_images<'a>(&'a self, rows: &'a RowsEventData<'a>) -> AfterImages<'a> {
+        let present: Vec<bool> = rows
+            .columns_after_image()
+            .map(|bits| bits.iter().by_vals().collect())
+            .unwrap_or_default();
         AfterImages {
             layout: self,
-            present: rows
-                .columns_after_image()
-                .map(|bits| bits.iter().by_vals().collect())
-                .unwrap_or_default(),
+            in_image: present.iter().filter(|p| **p).count(),
+            present,
             buf: ParseBuf(rows.rows_data()),
         }
     }
@@ -99,6 +101,8 @@ pub struct AfterImages<'a> {
     layout: &'a RowLayout,
     /// Which columns the image holds (all of them with binlog_row_image=FULL).
     present: Vec<bool>,
+    /// How many columns each image holds.
+    in_image: usize,
     buf: ParseBuf<'a>,
 }
 
@@ -115,7 +119,7 @@ impl Iterator for AfterImages<'_> {
 
 impl AfterImages<'_> {
     fn row(&mut self) -> io::Result<BinlogRow> {
-        let in_image = self.present.iter().filter(|p| **p).count();
+        let in_image = self.in_image;
         let nulls: &[u8] = self.buf.parse(in_image.div_ceil(8))?;
         let mut values = Vec::with_capacity(in_image);
         let mut at = 0;
