@@ -79,6 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         b.init();
     }
+    outbox_relay::install_crypto_provider();
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     let ready = Arc::new(AtomicBool::new(false));

@@ -29,3 +29,15 @@ mod rows;
 pub mod status;
 #[cfg(feature = "relay")]
 pub mod telemetry;
+
+/// Makes *ring* the process's rustls crypto provider: the TLS of the
+/// Kubernetes client (operator and relay, Lease election and status). rustls
+/// picks a provider from its crate features only when exactly one is
+/// enabled, and panics at the first HTTPS request otherwise; installing it
+/// explicitly keeps that choice if a dependency ever enables another.
+/// Call it before the first client is built; later calls change nothing.
+pub fn install_crypto_provider() {
+    // Err only when a provider is already installed: the same one, or the
+    // one an embedding program chose.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -69,6 +69,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     apply_allocator_settings();
+    outbox_relay::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
