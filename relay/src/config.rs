@@ -313,6 +313,27 @@ pub struct ElectionConfig {
     pub identity: Option<String>,
 }
 
+impl ElectionConfig {
+    /// The Lease's name for the relay `name`: `lease_name`, or
+    /// `<name>-relay-leader`.
+    pub fn lease_name(&self, name: &str) -> String {
+        self.lease_name
+            .clone()
+            .unwrap_or_else(|| format!("{name}-relay-leader"))
+    }
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): at most 253 lowercase
+/// letters, digits, '-' and '.', starting and ending with a letter or digit.
+fn is_dns_subdomain(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 253
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
 impl Default for ElectionConfig {
     fn default() -> Self {
         let t = crate::election::Timing::default();
@@ -642,6 +663,22 @@ impl Config {
                 "must be at least 1s with mode = \"kubernetes\" (a Lease counts whole seconds)",
             ));
         }
+        if self.election.mode == ElectionMode::Kubernetes {
+            let lease = self.election.lease_name(&self.name);
+            if !is_dns_subdomain(&lease) {
+                let what = match &self.election.lease_name {
+                    Some(_) => format!("{lease:?}"),
+                    None => format!("the default {lease:?} (from `name`)"),
+                };
+                return Err(invalid(
+                    "election.lease_name",
+                    format!(
+                        "{what} is not a valid Kubernetes object name: lowercase letters, \
+                         digits, '-' and '.', at most 253, starting and ending with a letter or digit"
+                    ),
+                ));
+            }
+        }
         if self.status.interval < Duration::from_millis(100) {
             return Err(invalid("status.interval", "must be at least 100ms"));
         }
@@ -769,6 +806,45 @@ url = "redis://127.0.0.1:6379/0"
             .unwrap_err()
             .to_string();
         assert!(e.contains("zookeeper"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_lease_name_is_refused_at_load() {
+        let kube = "[election]\nmode = \"kubernetes\"\n";
+        let c = parse(&format!("{MINIMAL}{kube}")).unwrap();
+        assert_eq!(
+            c.election.lease_name(&c.name),
+            format!("{}-relay-leader", c.name)
+        );
+        for (extra, shown) in [
+            ("lease_name = \"Orders_Leader\"\n", "\"Orders_Leader\""),
+            ("lease_name = \"-x\"\n", "\"-x\""),
+            ("lease_name = \"\"\n", "\"\""),
+        ] {
+            let e = parse(&format!("{MINIMAL}{kube}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("`election.lease_name`") && e.contains(shown),
+                "{e}"
+            );
+        }
+        let e = parse(&format!(
+            "name = \"shop_orders\"\n{}{kube}",
+            MINIMAL.replacen("name = ", "# name = ", 1)
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("the default \"shop_orders-relay-leader\""),
+            "{e}"
+        );
+        // Only the Kubernetes mode names a Lease.
+        parse(&format!(
+            "name = \"shop_orders\"\n{}",
+            MINIMAL.replacen("name = ", "# name = ", 1)
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -276,10 +276,7 @@ async fn elector(cfg: &Config, store: &CheckpointStore) -> Result<Option<Elector
                 .clone()
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            let name = e
-                .lease_name
-                .clone()
-                .unwrap_or_else(|| format!("{}-relay-leader", cfg.name));
+            let name = e.lease_name(&cfg.name);
             info!(namespace = %ns, lease = %name, "leader election through a Kubernetes Lease");
             Backend::Lease(LeaseLock::new(
                 kube::Api::namespaced(client, &ns),
