@@ -147,7 +147,7 @@ struct Drain {
 }
 
 async fn drain_once(rows: usize) -> Drain {
-    let f = Fixture::new("bench", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("bench", mysql_port(), &["Order"], 3).await;
     let (file, pos) = f.db.head().await;
     let start = format!("file:{file}:{pos}");
     fill(&f.db, rows).await;
@@ -334,7 +334,7 @@ struct Latency {
 /// with one), and it is no part of commit → ack. Then, for up to 10 s, a
 /// consumer reads the records back.
 async fn latency(rate: u64, secs: u64) -> Latency {
-    let f = Fixture::new("latency", MYSQL_PORT, &["Order"], 1).await;
+    let f = Fixture::new("latency", mysql_port(), &["Order"], 1).await;
     let (file, pos) = f.db.head().await;
     let port = free_port();
     let mut relay = Relay::start(
@@ -402,7 +402,7 @@ async fn latency(rate: u64, secs: u64) -> Latency {
     let expected = (rate * secs2) as usize;
     let reader = std::thread::spawn(move || {
         let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", BROKER)
+            .set("bootstrap.servers", broker())
             .set("group.id", format!("bench-{}", unique()))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", wait_ms.as_str())
@@ -462,7 +462,7 @@ async fn latency(rate: u64, secs: u64) -> Latency {
 /// `db_load`, while the same single-row inserts run against MariaDB (the
 /// CPU competition the relay sees), without a relay.
 async fn produce_latency(rate: u64, secs: u64, db_load: bool) -> Vec<Duration> {
-    let f = Fixture::new("ackonly", MYSQL_PORT, &["Order"], 1).await;
+    let f = Fixture::new("ackonly", mysql_port(), &["Order"], 1).await;
     let cfg = Config::from_toml(
         &relay_config(&f, "latest", free_port()),
         Path::new("bench.toml"),

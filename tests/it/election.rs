@@ -39,7 +39,7 @@ pub async fn leader_of(relays: &mut [Relay], within: Duration) -> usize {
 /// Kill the leader `rounds` times; each time the standby must take over and
 /// the killed one rejoins as a standby. Returns the takeover times.
 pub async fn failover_rounds(prefix: &str, election: &str, rounds: usize) -> Vec<Duration> {
-    let f = Fixture::new(prefix, MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new(prefix, mysql_port(), &["Order"], 3).await;
     let mut spec = f.spec();
     spec.extra = election;
     let stop = Arc::new(AtomicBool::new(false));
@@ -167,7 +167,7 @@ async fn standby_takes_over_after_sigkill_five_times_losing_nothing() {
 /// (SIGCONT) it must not move the checkpoint and must stop on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_wakes_up_fenced_and_exits() {
-    let f = Fixture::new("zombie", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("zombie", mysql_port(), &["Order"], 3).await;
     let mut spec = f.spec();
     spec.extra = "[election]\nmode = \"redis\"\n";
     let stop = Arc::new(AtomicBool::new(false));

@@ -175,7 +175,7 @@ async fn purged_resume_point_is_refused_clearly() {
 /// goes to the dead-letter topic with the reason, and nothing after is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
-    let f = Fixture::new("badrows", MYSQL_PORT, &["Order", "dlq"], 1).await;
+    let f = Fixture::new("badrows", mysql_port(), &["Order", "dlq"], 1).await;
     let (dir, db, name) = (&f.dir, &f.db, &f.name);
     let (good_topic, dlq) = (f.topics[0].clone(), f.topics[1].clone());
     let stop_spec = RelaySpec {
@@ -256,7 +256,7 @@ async fn bad_rows_stop_or_go_to_the_dead_letter_topic() {
             .await
             .unwrap();
     }
-    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
+    wait_checkpoint_at_head(redis_url(), name, db, Duration::from_secs(60)).await;
     let dead = read_topics(std::slice::from_ref(&dlq), 6, Duration::from_secs(30)).await;
     let reasons: Vec<(u64, String)> = dead
         .iter()

@@ -71,7 +71,7 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
     let ns = format!("ns{}", crate::support::unique());
     let gone = relay_name(&ns, "orders");
     let kept = relay_name(&ns, "billing");
-    let client = redis::Client::open(crate::support::REDIS_URL).expect("redis url");
+    let client = redis::Client::open(crate::support::redis_url()).expect("redis url");
     let mut c = client
         .get_multiplexed_async_connection()
         .await
@@ -92,7 +92,7 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
         ca: None,
         key_prefix: Some("test:"),
     };
-    let n = delete_checkpoint(target(crate::support::REDIS_URL), &gone)
+    let n = delete_checkpoint(target(crate::support::redis_url()), &gone)
         .await
         .expect("delete");
     assert_eq!(n, 3);

@@ -51,7 +51,7 @@ async fn broker_restart_and_outage_lose_nothing() {
     services();
     let scratch = Scratch::new("broker-outage");
     let broker = PrivateBroker::start(&scratch.0);
-    let f = Fixture::new("brokerdown", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("brokerdown", mysql_port(), &["Order"], 3).await;
     let mut relay = start_on_broker(&f, &broker, 3).await;
     let addr = broker.addr();
     let stop = Arc::new(AtomicBool::new(false));
@@ -89,7 +89,7 @@ async fn broker_restart_and_outage_lose_nothing() {
         "lag must grow during the outage; the largest reported was {max_lag} s"
     );
     broker.up();
-    drain(&f, REDIS_URL, &stop, writing).await;
+    drain(&f, redis_url(), &stop, writing).await;
     relay
         .status_until("caught up after the outage", |s| lag(s).0 == 0)
         .await;
@@ -119,7 +119,7 @@ async fn redis_restart_outage_and_crash_lose_nothing() {
     let scratch = Scratch::new("redis-outage");
     let redis = PrivateRedis::start(&scratch.0);
     let url = redis.url();
-    let f = Fixture::new("redisdown", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("redisdown", mysql_port(), &["Order"], 3).await;
     let spec = f.spec();
     let env = [("OUTBOX_RELAY_REDIS_URL", url.as_str())];
     let port = free_port();
@@ -259,7 +259,7 @@ async fn mariadb_restart_and_binlog_rotations_lose_nothing() {
         "{}",
         relay.logs()
     );
-    drain(&f, REDIS_URL, &stop, writing).await;
+    drain(&f, redis_url(), &stop, writing).await;
     let head = f.db.head().await;
     let seq = |file: &str| {
         file.rsplit('.')
@@ -324,7 +324,7 @@ async fn a_huge_transaction_and_megabyte_payloads_keep_memory_bounded() {
         let evs: Vec<Ev> = (t * 6..t * 6 + 6).map(mega).collect();
         f.db.insert_txn(&evs).await;
     }
-    let head = wait_checkpoint_at_head(REDIS_URL, &f.name, &f.db, Duration::from_secs(600)).await;
+    let head = wait_checkpoint_at_head(redis_url(), &f.name, &f.db, Duration::from_secs(600)).await;
     assert!(relay.alive(), "{}", relay.logs());
     let peak = peak_rss(relay.pid());
     let binlog = head.file.pos;
@@ -398,7 +398,7 @@ async fn soak_with_random_leader_kills() {
                 | 1
         });
     let mut rng = Rng(seed);
-    let f = Fixture::new("soak", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("soak", mysql_port(), &["Order"], 3).await;
     let spec = RelaySpec {
         extra: "[election]\nmode = \"redis\"\n",
         ..f.spec()
@@ -441,7 +441,7 @@ async fn soak_with_random_leader_kills() {
         next = Duration::from_secs(rng.between(30, 90));
     }
     assert!(!kills.is_empty());
-    drain(&f, REDIS_URL, &stop, writing).await;
+    drain(&f, redis_url(), &stop, writing).await;
 
     let rows = f.db.rows().await;
     let recs = read_topics(&f.topics, rows.len(), Duration::from_secs(300)).await;

@@ -11,7 +11,7 @@ use crate::support::*;
 /// records, per-key commit order, over 3 partitions, right topic/key/headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_ten_thousand_rows_in_commit_order_per_key() {
-    let f = Fixture::new("order", MYSQL_PORT, &["Order", "Customer"], 3).await;
+    let f = Fixture::new("order", mysql_port(), &["Order", "Customer"], 3).await;
     let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
     let spec = f.spec();
     let port = free_port();
@@ -85,7 +85,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
         assert_eq!(r.header("outbox.epoch"), Some(&b"1"[..]));
     }
     // The checkpoint reaches the head once everything is acknowledged.
-    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
+    wait_checkpoint_at_head(redis_url(), name, db, Duration::from_secs(60)).await;
     assert!(relay.terminate().await.success(), "{}", relay.logs());
 }
 
@@ -94,7 +94,7 @@ async fn relays_ten_thousand_rows_in_commit_order_per_key() {
 /// after kills and identical to the first delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_crashes_lose_nothing() {
-    let f = Fixture::new("crash", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("crash", mysql_port(), &["Order"], 3).await;
     let (dir, db, ts) = (&f.dir, &f.db, &f.topics);
     let spec = f.spec();
     let stop = Arc::new(AtomicBool::new(false));
@@ -163,7 +163,7 @@ async fn restarts_and_crashes_lose_nothing() {
 /// rolled-back transaction change nothing of what is relayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noise_is_ignored() {
-    let f = Fixture::new("noise", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("noise", mysql_port(), &["Order"], 3).await;
     let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
     let spec = f.spec();
     db.exec("CREATE TABLE other (id INT PRIMARY KEY, b VARBINARY(32), l VARCHAR(32) CHARACTER SET latin1)").await;
@@ -200,7 +200,7 @@ async fn noise_is_ignored() {
             .await;
     }
 
-    wait_checkpoint_at_head(REDIS_URL, name, db, Duration::from_secs(60)).await;
+    wait_checkpoint_at_head(redis_url(), name, db, Duration::from_secs(60)).await;
     let recs = read_topics(ts, 2, Duration::from_secs(30)).await;
     let ids: Vec<u64> = recs.iter().map(Rec::id).collect();
     assert_eq!(ids, vec![first[0], second[0]]);
@@ -231,7 +231,7 @@ async fn noise_is_ignored() {
 /// to start, and a direct stale write is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epoch_cannot_move_the_checkpoint() {
-    let f = Fixture::new("epoch", MYSQL_PORT, &["Order"], 1).await;
+    let f = Fixture::new("epoch", mysql_port(), &["Order"], 1).await;
     let (dir, db, ts, name) = (&f.dir, &f.db, &f.topics, &f.name);
     let spec = RelaySpec {
         extra: "epoch = 5",
@@ -265,7 +265,7 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
 
     // The store itself refuses a stale compare-and-set.
     let cfg = outbox_relay::config::RedisConfig {
-        url: REDIS_URL.into(),
+        url: redis_url().into(),
         password_file: None,
         ca_file: None,
         key_prefix: "test:".into(),
@@ -297,7 +297,7 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
 async fn several_outbox_tables_each_with_its_mapping() {
     services();
     let dir = Scratch::new("tables");
-    let db = TestDb::new("tables", MYSQL_PORT).await;
+    let db = TestDb::new("tables", mysql_port()).await;
     db.exec(
         "CREATE TABLE events (event_id CHAR(36) NOT NULL PRIMARY KEY, kind VARCHAR(64) NOT NULL, \
          entity VARCHAR(64) NOT NULL, name VARCHAR(64) NOT NULL, body TEXT NOT NULL)",
@@ -323,7 +323,7 @@ columns = {{ id = "event_id", aggregate_type = "kind", aggregate_id = "entity", 
     let toml = RelaySpec {
         name: &name,
         db: &db.name,
-        mysql_port: MYSQL_PORT,
+        mysql_port: mysql_port(),
         topic: &format!("{}.{{aggregate_type}}", db.name),
         extra_kafka: "",
         extra: "",

@@ -180,7 +180,7 @@ async fn secret_values_never_reach_logs_metrics_or_status() {
     ];
     let scratch = Scratch::new("secrets");
     let redis = PrivateRedis::start_with(&scratch.0, &["--requirepass", &redis_secret]);
-    let f = Fixture::new("secrets", MYSQL_PORT, &["Order"], 1).await;
+    let f = Fixture::new("secrets", mysql_port(), &["Order"], 1).await;
     let user = format!("sec{n}");
     create_user(&f.db, &user, &mysql_secret, false).await;
     // Debug logging everywhere (the clients' too) makes a leak most likely.
@@ -281,7 +281,7 @@ async fn tls_to_mariadb_require_verify_and_a_wrong_ca() {
         relay.wait_ready().await;
         f.db.insert_txn(&[Ev::new("Order", "t", "{}")]).await;
         expected += 1;
-        wait_checkpoint_at_head(REDIS_URL, &f.name, &f.db, Duration::from_secs(60)).await;
+        wait_checkpoint_at_head(redis_url(), &f.name, &f.db, Duration::from_secs(60)).await;
         assert!(relay.terminate().await.success(), "{tls}: {}", relay.logs());
     }
     let rows = f.db.rows().await;
@@ -312,7 +312,7 @@ async fn tls_to_redis_with_the_test_ca() {
     let certs = make_certs(&scratch.0.join("certs"));
     let redis = tls_redis(&scratch.0, &certs, &[]);
     let url = format!("rediss://127.0.0.1:{}/0", redis.port);
-    let f = Fixture::new("rtls", MYSQL_PORT, &["Order"], 1).await;
+    let f = Fixture::new("rtls", mysql_port(), &["Order"], 1).await;
     let run = |ca_file: Option<&Path>| {
         let port = free_port();
         let mut toml = f.spec().toml(port);

@@ -18,9 +18,33 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-pub const MYSQL_PORT: u16 = 3307;
-pub const REDIS_URL: &str = "redis://127.0.0.1:6390/0";
-pub const BROKER: &str = "127.0.0.1:9092";
+/// The shared services' ports, from the variables `scripts/services.sh`
+/// honours (so two checkouts can test side by side), with its defaults.
+fn port(var: &str, default: u16) -> u16 {
+    match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={v:?} is not a port number")),
+        Err(_) => default,
+    }
+}
+
+/// The shared MariaDB: `OUTBOX_MYSQL_PORT`, default 3307.
+pub fn mysql_port() -> u16 {
+    port("OUTBOX_MYSQL_PORT", 3307)
+}
+
+/// The shared Redis: `OUTBOX_REDIS_PORT`, default 6390.
+pub fn redis_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| format!("redis://127.0.0.1:{}/0", port("OUTBOX_REDIS_PORT", 6390)))
+}
+
+/// The shared broker: `OUTBOX_BROKER_PORT`, default 9092.
+pub fn broker() -> &'static str {
+    static ADDR: OnceLock<String> = OnceLock::new();
+    ADDR.get_or_init(|| format!("127.0.0.1:{}", port("OUTBOX_BROKER_PORT", 9092)))
+}
 pub const RELAY_PASSWORD: &str = "relay-password";
 
 pub fn root() -> PathBuf {
@@ -346,8 +370,8 @@ listen = "127.0.0.1:{http_port}"
             db = self.db,
             port = self.mysql_port,
             topic = self.topic,
-            broker = BROKER,
-            redis = REDIS_URL,
+            broker = broker(),
+            redis = redis_url(),
             extra = self.extra,
             extra_kafka = self.extra_kafka,
         )
@@ -356,8 +380,20 @@ listen = "127.0.0.1:{http_port}"
 
 /// The relay binary, built once per test run so a test never runs a stale one.
 pub fn relay_bin() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
+    workspace_bin("outbox-relay")
+}
+
+/// The operator binary, built once per test run like the relay's.
+pub fn operator_bin() -> PathBuf {
+    workspace_bin("outbox-operator")
+}
+
+/// A binary of the workspace (package and binary share its name), built once
+/// per test run so a test never runs a stale one.
+fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // The benchmark (release profile) runs the release binary.
         let profile: &[&str] = if cfg!(debug_assertions) {
@@ -366,27 +402,21 @@ pub fn relay_bin() -> PathBuf {
             &["--release"]
         };
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "outbox-relay",
-                "--bin",
-                "outbox-relay",
-            ])
+            .args(["build", "--quiet", "-p", name, "--bin", name])
             .args(profile)
             .current_dir(root())
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "building outbox-relay failed");
-    });
-    // target/<profile>/deps/integration-xxxx → target/<profile>/outbox-relay
+        assert!(status.success(), "building {name} failed");
+        built.push(name.to_owned());
+    }
+    // target/<profile>/deps/integration-xxxx → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test exe");
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("outbox-relay");
+        .join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
@@ -395,7 +425,7 @@ pub fn relay_bin() -> PathBuf {
     bin
 }
 
-/// A relay process with its log captured in a file.
+/// A relay process (or the operator's) with its log captured in a file.
 pub struct Relay {
     pub child: Child,
     pub log: PathBuf,
@@ -408,19 +438,27 @@ impl Relay {
         let cfg = dir.join(format!("relay-{n}.toml"));
         std::fs::write(&cfg, config).expect("write config");
         let log = dir.join(format!("relay-{n}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(relay_bin());
         cmd.arg("--config")
             .arg(&cfg)
             .env("OUTBOX_RELAY_MYSQL_PASSWORD", RELAY_PASSWORD)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out);
+            .env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn outbox-relay");
+        Relay::spawn(cmd, log, http_port)
+    }
+
+    /// Any process of this workspace (the operator too), its output in `log`
+    /// and its HTTP server on `http_port`.
+    pub fn spawn(mut cmd: Command, log: PathBuf, http_port: u16) -> Relay {
+        let out = std::fs::File::create(&log).expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         Relay {
             child,
             log,
@@ -454,7 +492,7 @@ impl Relay {
             }
             assert!(
                 Instant::now() < deadline,
-                "relay did not exit within {within:?}; log:\n{}",
+                "the process did not exit within {within:?}; log:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -610,7 +648,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 pub async fn create_topics(topics: &[String], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
+        .set("bootstrap.servers", broker())
         .create()
         .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
@@ -665,7 +703,7 @@ impl Rec {
 /// `at_least` records are read, then until no new record came for a second
 /// (tansu's high watermarks lag behind its data, so they cannot tell the end).
 pub async fn read_topics(topics: &[String], at_least: usize, within: Duration) -> Vec<Rec> {
-    read_topics_from(BROKER, topics, at_least, within).await
+    read_topics_from(broker(), topics, at_least, within).await
 }
 
 /// `read_topics` from the broker at `broker`.
@@ -750,7 +788,7 @@ fn read_blocking(broker: &str, topics: &[String], at_least: usize, within: Durat
 
 /// The stored checkpoint of relay `name` (key prefix `test:`).
 pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
-    checkpoint_at(REDIS_URL, name).await
+    checkpoint_at(redis_url(), name).await
 }
 
 /// `checkpoint` in the Redis at `url`.

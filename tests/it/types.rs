@@ -94,7 +94,7 @@ const VALUES: [&str; 3] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_is_decoded_and_the_relay_keeps_going() {
-    let f = Fixture::new("types", MYSQL_PORT, &["Order"], 3).await;
+    let f = Fixture::new("types", mysql_port(), &["Order"], 3).await;
     let db = &f.db;
     db.exec(&format!(
         "CREATE TABLE zoo (id INT AUTO_INCREMENT PRIMARY KEY, {COLUMNS}) \
@@ -166,7 +166,7 @@ async fn every_column_type_is_decoded_and_the_relay_keeps_going() {
     db.insert_txn(&[Ev::new("Order", "last", "{}")]).await;
     outbox += 1;
 
-    wait_checkpoint_at_head(REDIS_URL, &f.name, db, Duration::from_secs(60)).await;
+    wait_checkpoint_at_head(redis_url(), &f.name, db, Duration::from_secs(60)).await;
     assert!(relay.alive(), "{}", relay.logs());
     assert_eq!(relay.role().await.as_deref(), Some("streaming"));
     let rows = db.rows().await;
