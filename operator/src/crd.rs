@@ -38,10 +38,15 @@ pub struct OutboxRelaySpec {
     /// CPU and memory of the relay container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Node labels the relay pods must run on (the pod's `nodeSelector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the relay pods tolerate (the pod's `tolerations`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling constraints of the relay pods. Unset, the operator spreads
+    /// them across nodes (preferred pod anti-affinity on the host name), so
+    /// one node failure does not take the leader and its standby together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     /// Extra annotations on the relay pods.
@@ -54,8 +59,11 @@ pub struct OutboxRelaySpec {
     /// one the operator creates (it then needs the same Lease and status rights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// The MySQL/MariaDB server whose binlog the relay reads, and its outbox tables.
     pub mysql: MysqlSpec,
+    /// The Kafka cluster the records go to.
     pub kafka: KafkaSpec,
+    /// The Redis that keeps the checkpoint (position and leadership epoch).
     pub redis: RedisSpec,
     /// Where to start when no checkpoint is stored: `latest`, `earliest`,
     /// `gtid:<gtid list or set>` or `file:<FILE>:<POS>`.
@@ -100,6 +108,7 @@ pub struct MysqlSpec {
     /// Server host name.
     #[schemars(length(min = 1))]
     pub host: String,
+    /// Server port; default 3306.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
@@ -114,6 +123,7 @@ pub struct MysqlSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub server_id: Option<u32>,
+    /// TLS to the server; default `mode: disabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MysqlTls>,
     /// The outbox tables and how their rows become records.
@@ -128,6 +138,9 @@ pub struct MysqlSpec {
     "message": "caSecret is required with mode verify-ca or verify-full"
 }]))]
 pub struct MysqlTls {
+    /// `disabled`, `require` (encrypted, not verified), `verify-ca` (the
+    /// server's certificate signed by `caSecret`) or `verify-full` (and its
+    /// name matches `host`).
     pub mode: TlsMode,
     /// PEM CA bundle to verify the server (required by verify-ca and verify-full).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +159,7 @@ pub enum TlsMode {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxTable {
+    /// Database (schema) of the outbox table.
     #[schemars(length(min = 1))]
     pub database: String,
     /// Table name; default `outbox`.
@@ -167,14 +181,21 @@ pub struct OutboxTable {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Columns {
+    /// Event id column (the record's `id` header); default `id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Aggregate type column (the topic template's `{aggregate_type}`);
+    /// default `aggregate_type`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate_type: Option<String>,
+    /// Aggregate id column (the record key: order per aggregate); default
+    /// `aggregate_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate_id: Option<String>,
+    /// Event type column (the `event_type` header); default `event_type`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
+    /// Payload column (the record value); default `payload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
     /// JSON object column whose entries become headers; "" ignores it.
@@ -259,10 +280,13 @@ pub struct OutboxRelayStatus {
     /// Ready, Progressing, Degraded, Stalled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The leading relay pod and its term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
+    /// The last position whose every record Kafka acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<PositionStatus>,
+    /// How far the leader is behind the server's binlog head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
     /// Records acknowledged by Kafka since the leading relay process started.
@@ -283,6 +307,7 @@ pub struct OutboxRelayStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaderStatus {
+    /// Name of the leading relay pod.
     pub pod: String,
     /// Leadership term; only grows.
     pub epoch: u64,
@@ -295,9 +320,12 @@ pub struct LeaderStatus {
 pub struct PositionStatus {
     /// GTID when the server has one, else `file:pos`.
     pub short: String,
+    /// GTID set (or MariaDB GTID list) up to and including that commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gtid: Option<String>,
+    /// Binlog file of that commit.
     pub file: String,
+    /// Offset in `file` just after that commit.
     pub pos: u64,
     /// RFC 3339 commit time of the last relayed transaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -307,6 +335,8 @@ pub struct PositionStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LagStatus {
+    /// Seconds between now and the commit time of the last relayed
+    /// transaction, 0 when nothing is waiting.
     pub seconds: u64,
     /// Binlog bytes behind the server's head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
