@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -51,6 +52,7 @@ fn mount_of(use_: &SecretUse) -> Option<(&'static str, &'static str)> {
 pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> Deployment {
     let s = &r.spec;
     let labels = labels(r);
+    let affinity = s.affinity.clone().unwrap_or_else(|| spread(&labels));
     let mut pod_labels = s.pod_labels.clone().unwrap_or_default();
     pod_labels.extend(labels.clone());
     let mut annotations = s.pod_annotations.clone().unwrap_or_default();
@@ -179,7 +181,7 @@ pub fn build_deployment(r: &ValidatedRelay, image: &str, config_hash: &str) -> D
                     }),
                     node_selector: s.node_selector.clone(),
                     tolerations: s.tolerations.clone(),
-                    affinity: s.affinity.clone(),
+                    affinity: Some(affinity),
                     containers: vec![Container {
                         name: "relay".into(),
                         image: Some(image.into()),
@@ -224,6 +226,31 @@ pub fn config_hash(config: &str, secret_versions: &BTreeMap<String, String>) -> 
     format!("{h:016x}")
 }
 
+/// Without an `affinity` of the user's: the relay pods preferably on
+/// different nodes (preferred, so a one-node cluster still runs them all),
+/// so one node failure does not take the leader and its standby together.
+fn spread(labels: &BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(labels.clone()),
+                            ..LabelSelector::default()
+                        }),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +260,37 @@ mod tests {
     fn deployment() -> Deployment {
         let v = validate(&fixture(FULL)).expect("valid");
         build_deployment(&v, "ghcr.io/example/outbox-relay:0.1.0", "abc")
+    }
+
+    #[test]
+    fn relay_pods_spread_across_nodes_unless_the_user_says_otherwise() {
+        let d = deployment();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let terms = pod
+            .affinity
+            .and_then(|a| a.pod_anti_affinity)
+            .and_then(|p| p.preferred_during_scheduling_ignored_during_execution)
+            .expect("default anti-affinity");
+        assert_eq!(
+            terms[0].pod_affinity_term.topology_key,
+            "kubernetes.io/hostname"
+        );
+        let selected = terms[0].pod_affinity_term.label_selector.clone().unwrap();
+        assert_eq!(
+            selected.match_labels.unwrap()["app.kubernetes.io/instance"],
+            "orders"
+        );
+        // The user's own affinity replaces it.
+        let mut r = fixture(FULL);
+        r.spec.affinity = Some(Affinity::default());
+        let v = validate(&r).expect("valid");
+        let pod = build_deployment(&v, "img", "abc")
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.affinity, Some(Affinity::default()));
     }
 
     #[test]
