@@ -18,7 +18,6 @@ use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::watcher;
@@ -27,7 +26,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cleanup::{self, relay_name, FINALIZER};
-use crate::crd::{CheckpointPolicy, OutboxRelay};
+use crate::crd::{CheckpointPolicy, OutboxRelay, OutboxRelayStatus};
+use crate::events::{EventType, Recorder};
 use crate::guard::{Guarded, Malformed};
 use crate::health::{assess, heartbeat_interval, Cond};
 use crate::metrics::Metrics;
@@ -53,12 +53,61 @@ pub enum Error {
 
 pub struct Context {
     pub client: Client,
+    /// What was applied for each OutboxRelay, shared with the children's watches.
+    pub applied: Arc<std::sync::Mutex<Applied>>,
     /// Relay image when the spec does not name one.
     pub relay_image: String,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// The last leader (pod, epoch) seen per relay, for LeaderChanged Events.
     pub leaders: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
+}
+
+/// The children applied per OutboxRelay (by uid), and how many events of
+/// its children the watches had seen then. Any child event since — a change
+/// or a deletion by anyone, the controller-manager's status updates and
+/// the operator's own applies included — makes the next reconcile apply
+/// again (a no-op apply changes nothing, so it brings no further event).
+#[derive(Default)]
+pub struct Applied {
+    events: std::collections::HashMap<String, u64>,
+    done: std::collections::HashMap<String, (u64, u64, Deployment)>,
+}
+
+impl Applied {
+    /// Events seen so far for the children of `uid`.
+    fn child_events(&self, uid: &str) -> u64 {
+        self.events.get(uid).copied().unwrap_or(0)
+    }
+
+    /// The Deployment as last applied, if `desired` was applied and no child
+    /// event came since.
+    fn current(&self, uid: &str, desired: u64, seen: u64) -> Option<Deployment> {
+        match self.done.get(uid) {
+            Some((hash, events, d)) if *hash == desired && *events == seen => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    fn record(&mut self, uid: &str, desired: u64, seen: u64, deployment: Deployment) {
+        self.done.insert(uid.into(), (desired, seen, deployment));
+    }
+
+    /// The OutboxRelay is gone: nothing to remember.
+    fn forget(&mut self, uid: &str) {
+        self.events.remove(uid);
+        self.done.remove(uid);
+    }
+
+    /// A child changed or went: its controlling OutboxRelay, to reconcile.
+    fn child_event<K: Resource>(&mut self, child: &K) -> Option<ObjectRef<Guarded>> {
+        let owner = child
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "OutboxRelay")?;
+        *self.events.entry(owner.uid.clone()).or_default() += 1;
+        Some(ObjectRef::new(&owner.name).within(&child.namespace()?))
+    }
 }
 
 impl Error {
@@ -110,8 +159,15 @@ async fn reject_malformed(m: &Malformed, ctx: &Context) -> Result<Action, Error>
         ..ObjectReference::default()
     };
     publish_to(ctx, &reference, EventType::Warning, "InvalidSpec", &message).await;
-    let conds = not_ready("InvalidSpec", message);
-    apply_conditions(&relays, &m.metadata, &[], &conds).await?;
+    // Nothing of the object is readable: the relays' reports neither.
+    let not_evaluated = Cond {
+        type_: "Stalled",
+        status: false,
+        reason: "InvalidSpec",
+        message: "not evaluated: the object does not fit the schema".into(),
+    };
+    let conds = blocked("InvalidSpec", message, not_evaluated);
+    apply_conditions(ctx, &relays, &m.metadata, None, &conds).await?;
     ctx.metrics.outcome("invalid_spec");
     Ok(Action::await_change())
 }
@@ -139,6 +195,9 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     // Deletion: the children go by garbage collection; only the Redis
     // checkpoint needs us, and only under `checkpointPolicy: Delete`.
     if obj.metadata.deletion_timestamp.is_some() {
+        if let Some(uid) = obj.uid() {
+            ctx.applied.lock().expect("applied lock").forget(&uid);
+        }
         if has_finalizer(obj) {
             return delete_checkpoint(obj, ctx, &ns, &relays).await;
         }
@@ -146,7 +205,7 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     }
     let wants = obj.spec.checkpoint_policy == Some(CheckpointPolicy::Delete);
     if wants != has_finalizer(obj) {
-        set_finalizer(&relays, obj, wants).await?;
+        set_finalizer(ctx, &relays, obj, wants).await?;
     }
 
     let v = match validate(obj) {
@@ -155,8 +214,8 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
             // A bad spec waits for the user: no retry loop, no crash.
             let message = e.to_string();
             publish(ctx, obj, EventType::Warning, "InvalidSpec", &message).await;
-            let conds = not_ready("InvalidSpec", message);
-            patch_status(&relays, obj, &conds).await?;
+            let conds = blocked("InvalidSpec", message, stalled(obj));
+            patch_status(ctx, &relays, obj, &conds).await?;
             ctx.metrics.outcome("invalid_spec");
             return Ok(Action::await_change());
         }
@@ -179,8 +238,8 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
         };
         if let Some(message) = missing {
             publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
-            let conds = not_ready("MissingSecret", message);
-            patch_status(&relays, obj, &conds).await?;
+            let conds = blocked("MissingSecret", message, stalled(obj));
+            patch_status(ctx, &relays, obj, &conds).await?;
             ctx.metrics.outcome("missing_secret");
             // The Secret watch brings us back when it appears; poll too.
             return Ok(Action::requeue(Duration::from_secs(60)));
@@ -201,21 +260,48 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
         .image
         .clone()
         .unwrap_or_else(|| ctx.relay_image.clone());
-    let c = &ctx.client;
-    apply(c, &ns, build_service_account(&v), &owner).await?;
-    apply(c, &ns, build_role(&v), &owner).await?;
-    apply(c, &ns, build_role_binding(&v), &owner).await?;
-    apply(c, &ns, build_lease(&v), &owner).await?;
-    apply(c, &ns, cm, &owner).await?;
-    let deployment = apply(
-        c,
-        &ns,
+    let children = (
+        build_service_account(&v),
+        build_role(&v),
+        build_role_binding(&v),
+        build_lease(&v),
+        cm,
         build_deployment(&v, &image, &config_hash(&config, &versions)),
-        &owner,
-    )
-    .await?;
-    apply(c, &ns, build_service(&v), &owner).await?;
-    apply(c, &ns, build_pdb(&v), &owner).await?;
+        build_service(&v),
+        build_pdb(&v),
+    );
+    // Nothing new since the last apply (no child changed or went, the same
+    // desired objects): no request. A Stalled relay's rechecks and every
+    // relay report land here.
+    let uid = owner.uid.clone();
+    let desired = crate::fnv1a([serde_json::to_vec(&children).unwrap_or_default().as_slice()]);
+    let seen = ctx.applied.lock().expect("applied lock").child_events(&uid);
+    let current = ctx
+        .applied
+        .lock()
+        .expect("applied lock")
+        .current(&uid, desired, seen);
+    let deployment = match current {
+        Some(d) => d,
+        None => {
+            let (sa, role, binding, lease, cm, deployment, service, pdb) = children;
+            apply(ctx, &ns, sa, &owner).await?;
+            apply(ctx, &ns, role, &owner).await?;
+            apply(ctx, &ns, binding, &owner).await?;
+            apply(ctx, &ns, lease, &owner).await?;
+            apply(ctx, &ns, cm, &owner).await?;
+            let deployment = apply(ctx, &ns, deployment, &owner).await?;
+            apply(ctx, &ns, service, &owner).await?;
+            apply(ctx, &ns, pdb, &owner).await?;
+            ctx.applied.lock().expect("applied lock").record(
+                &uid,
+                desired,
+                seen,
+                deployment.clone(),
+            );
+            deployment
+        }
+    };
 
     // Conditions: the rollout from the Deployment, the rest from what the
     // leading relay reports (so a dead outbox never shows Ready).
@@ -249,7 +335,7 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     announce(ctx, obj, &conds).await;
     ctx.metrics
         .relay(&ns, &obj.name_any(), &conds, obj.status.as_ref());
-    patch_status(&relays, obj, &conds).await?;
+    patch_status(ctx, &relays, obj, &conds).await?;
     ctx.metrics.outcome("applied");
     Ok(Action::requeue(
         health.recheck.min(Duration::from_secs(300)),
@@ -262,7 +348,12 @@ fn has_finalizer(obj: &OutboxRelay) -> bool {
 
 /// Adds or removes our finalizer (optimistic: the patch names the
 /// resourceVersion it read, so it never drops someone else's finalizer).
-async fn set_finalizer(api: &Api<OutboxRelay>, obj: &OutboxRelay, on: bool) -> Result<(), Error> {
+async fn set_finalizer(
+    ctx: &Context,
+    api: &Api<OutboxRelay>,
+    obj: &OutboxRelay,
+    on: bool,
+) -> Result<(), Error> {
     let mut finalizers: Vec<String> = obj
         .finalizers()
         .iter()
@@ -275,6 +366,7 @@ async fn set_finalizer(api: &Api<OutboxRelay>, obj: &OutboxRelay, on: bool) -> R
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
     });
+    ctx.metrics.writes.inc();
     api.patch(
         &obj.name_any(),
         &PatchParams::default(),
@@ -327,7 +419,7 @@ async fn delete_checkpoint(
         Ok(n) => {
             let note = format!("deleted the relay's Redis checkpoint ({n} keys) for {relay}");
             publish(ctx, obj, EventType::Normal, "CheckpointDeleted", &note).await;
-            set_finalizer(relays, obj, false).await?;
+            set_finalizer(ctx, relays, obj, false).await?;
             ctx.metrics.outcome("checkpoint_deleted");
             Ok(Action::await_change())
         }
@@ -348,7 +440,7 @@ async fn delete_checkpoint(
                 reason: "CheckpointDeleteFailed",
                 message,
             }];
-            patch_status(relays, obj, &conds).await?;
+            patch_status(ctx, relays, obj, &conds).await?;
             ctx.metrics.outcome("checkpoint_delete_failed");
             Ok(Action::requeue(Duration::from_secs(30)))
         }
@@ -375,9 +467,11 @@ async fn secret_value(
     })
 }
 
-/// `Ready=False` and `Degraded=True`, for the same reason and message: a
-/// problem the user has to fix.
-fn not_ready(reason: &'static str, message: String) -> [Cond; 2] {
+/// A problem the user has to fix: `Ready=False` and `Degraded=True` for the
+/// same reason and message, `Progressing=False` (the relay pods are not
+/// updated until it is fixed) and `Stalled` as the relays' reports say.
+/// Every condition type stays present.
+fn blocked(reason: &'static str, message: String, stalled: Cond) -> [Cond; 4] {
     [
         Cond {
             type_: "Ready",
@@ -386,12 +480,31 @@ fn not_ready(reason: &'static str, message: String) -> [Cond; 2] {
             message: message.clone(),
         },
         Cond {
+            type_: "Progressing",
+            status: false,
+            reason,
+            message: format!("the relay pods are not updated until this is fixed: {message}"),
+        },
+        Cond {
             type_: "Degraded",
             status: true,
             reason,
             message,
         },
+        stalled,
     ]
+}
+
+/// `Stalled` from the relays' reports (the other conditions left aside).
+fn stalled(obj: &OutboxRelay) -> Cond {
+    assess(
+        obj.status.as_ref(),
+        heartbeat_interval(obj.spec.heartbeat_interval.as_deref()),
+        obj.spec.max_lag_seconds,
+        obj.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        Timestamp::now(),
+    )
+    .stalled
 }
 
 /// API errors: retry with a short backoff.
@@ -411,7 +524,8 @@ fn rollout_condition(d: &Deployment, desired: i32) -> Cond {
     let updated = st.updated_replicas.unwrap_or(0);
     let current =
         st.observed_generation.is_some() && st.observed_generation == d.metadata.generation;
-    let rolled = current && updated >= desired;
+    // Complete when the new pods run, not when they merely exist.
+    let rolled = current && updated >= desired && available >= desired;
     Cond {
         type_: "Progressing",
         status: !rolled,
@@ -420,7 +534,7 @@ fn rollout_condition(d: &Deployment, desired: i32) -> Cond {
         } else {
             "RollingOut"
         },
-        message: format!("{updated} of {desired} relay pods updated, {available} available"),
+        message: format!("{available} of {desired} relay pods available, {updated} updated"),
     }
 }
 
@@ -472,7 +586,7 @@ async fn announce(ctx: &Context, obj: &OutboxRelay, conds: &[Cond]) {
     }
 }
 
-async fn apply<K>(client: &Client, ns: &str, mut obj: K, owner: &OwnerReference) -> Result<K, Error>
+async fn apply<K>(ctx: &Context, ns: &str, mut obj: K, owner: &OwnerReference) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -482,7 +596,8 @@ where
 {
     obj.meta_mut().owner_references = Some(vec![owner.clone()]);
     let name = obj.name_any();
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    ctx.metrics.writes.inc();
     Ok(api
         .patch(
             &name,
@@ -495,25 +610,28 @@ where
 /// Server-side apply of the operator's status fields; a condition keeps its
 /// transition time while its status does not change.
 async fn patch_status(
+    ctx: &Context,
     api: &Api<OutboxRelay>,
     obj: &OutboxRelay,
     conds: &[Cond],
 ) -> Result<(), Error> {
-    let old = obj
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    apply_conditions(api, &obj.metadata, old, conds).await
+    apply_conditions(ctx, api, &obj.metadata, obj.status.as_ref(), conds).await
 }
 
+/// Writes the conditions unless the status already says exactly that (no
+/// write at steady state: a reconcile that finds nothing new sends nothing).
 async fn apply_conditions(
+    ctx: &Context,
     api: &Api<OutboxRelay>,
     meta: &ObjectMeta,
-    old: &[Condition],
+    old: Option<&OutboxRelayStatus>,
     conds: &[Cond],
 ) -> Result<(), Error> {
     let generation = meta.generation;
+    if old.is_some_and(|o| says(o, generation, conds)) {
+        return Ok(());
+    }
+    let old = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let now = Time(Timestamp::now());
     let conditions: Vec<Condition> = conds
         .iter()
@@ -533,6 +651,7 @@ async fn apply_conditions(
             }
         })
         .collect();
+    ctx.metrics.writes.inc();
     let patch = serde_json::json!({
         "apiVersion": "outboxrelay.dev/v1alpha1",
         "kind": "OutboxRelay",
@@ -550,6 +669,21 @@ async fn apply_conditions(
     Ok(())
 }
 
+/// Does `status` already hold exactly these conditions for `generation`?
+fn says(status: &OutboxRelayStatus, generation: Option<i64>, conds: &[Cond]) -> bool {
+    status.observed_generation == generation
+        && status.conditions.len() == conds.len()
+        && conds.iter().all(|c| {
+            status.conditions.iter().any(|o| {
+                o.type_ == c.type_
+                    && o.status == if c.status { "True" } else { "False" }
+                    && o.reason == c.reason
+                    && o.message == c.message
+                    && o.observed_generation == generation
+            })
+        })
+}
+
 /// Records a Kubernetes Event; failing to record one never fails a reconcile.
 async fn publish(ctx: &Context, obj: &OutboxRelay, type_: EventType, reason: &str, note: &str) {
     publish_to(ctx, &obj.object_ref(&()), type_, reason, note).await;
@@ -562,14 +696,12 @@ async fn publish_to(
     reason: &str,
     note: &str,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.into()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, reference).await {
+    ctx.metrics.writes.inc();
+    if let Err(e) = ctx
+        .recorder
+        .publish(reference, type_, reason, "Reconcile", note)
+        .await
+    {
         tracing::warn!(error = %e, "cannot record an Event");
     }
 }
@@ -607,28 +739,63 @@ pub async fn run(
         watcher::Config::default(),
     );
     let store = controller.store();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let recorder = Recorder::new(client.clone(), MANAGER, std::env::var("POD_NAME").ok());
+    let applied = Arc::<std::sync::Mutex<Applied>>::default();
     let ctx = Arc::new(Context {
         client: client.clone(),
+        applied: applied.clone(),
         relay_image,
         recorder,
         metrics,
         leaders: Default::default(),
     });
+    // The children, as `owns` would, counting their events for `Applied`.
+    // (Not the Lease: the relays renew it every retry period.)
+    fn child<K>(
+        applied: &Arc<std::sync::Mutex<Applied>>,
+    ) -> impl Fn(K) -> Option<ObjectRef<Guarded>>
+    where
+        K: Resource,
+    {
+        let applied = applied.clone();
+        move |obj| applied.lock().expect("applied lock").child_event(&obj)
+    }
     controller
-        .owns(api::<Deployment>(&client, &namespace), children.clone())
-        .owns(api::<ConfigMap>(&client, &namespace), children.clone())
-        .owns(api::<ServiceAccount>(&client, &namespace), children.clone())
-        .owns(api::<Role>(&client, &namespace), children.clone())
-        .owns(api::<RoleBinding>(&client, &namespace), children.clone())
-        .owns(api::<Service>(&client, &namespace), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, &namespace), children)
+        .watches(
+            api::<Deployment>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<ConfigMap>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<ServiceAccount>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<Role>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<RoleBinding>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<Service>(&client, &namespace),
+            children.clone(),
+            child(&applied),
+        )
+        .watches(
+            api::<PodDisruptionBudget>(&client, &namespace),
+            children,
+            child(&applied),
+        )
         // A created, changed or deleted Secret reconciles the relays that
         // reference it by name (it rolls their pods through the config hash).
         .watches(
@@ -774,15 +941,10 @@ mod tests {
             }
         });
         let client = Client::new(service, "default");
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: None,
-            },
-        );
+        let recorder = Recorder::new(client.clone(), MANAGER, None);
         let ctx = Context {
             client,
+            applied: Default::default(),
             relay_image: "outbox-relay:test".into(),
             recorder,
             metrics: Metrics::default(),
@@ -809,6 +971,25 @@ mod tests {
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
             .unwrap_or(&Value::Null)
+    }
+
+    #[test]
+    fn a_rollout_is_complete_when_the_new_pods_are_available() {
+        let deployment = |updated: i32, available: i32| -> Deployment {
+            serde_json::from_value(json!({
+                "metadata": {"name": "orders-relay", "generation": 3},
+                "status": {"observedGeneration": 3, "updatedReplicas": updated,
+                           "availableReplicas": available}
+            }))
+            .unwrap()
+        };
+        let c = rollout_condition(&deployment(2, 0), 2);
+        assert_eq!((c.status, c.reason), (true, "RollingOut"));
+        assert_eq!(c.message, "0 of 2 relay pods available, 2 updated");
+        let c = rollout_condition(&deployment(2, 1), 2);
+        assert_eq!((c.status, c.reason), (true, "RollingOut"));
+        let c = rollout_condition(&deployment(2, 2), 2);
+        assert_eq!((c.status, c.reason), (false, "RolloutComplete"));
     }
 
     #[test]
@@ -909,6 +1090,43 @@ mod tests {
         );
     }
 
+    /// Steady state: a reconcile that finds nothing new (a recheck, a relay
+    /// report) writes nothing — not the children, not the status.
+    #[tokio::test]
+    async fn a_reconcile_with_nothing_new_writes_nothing() {
+        let r = relay(FULL);
+        let (ctx, log) = fake(all_secrets(), &r);
+        reconcile(r.clone(), ctx.clone()).await.expect("reconcile");
+        let writes = ctx.metrics.writes.get();
+        assert_eq!(writes, 9, "8 children and the status");
+        let status = patches(&log).last().expect("status").1["status"].clone();
+        let mut again = (*r).clone();
+        again.status = Some(serde_json::from_value(status).expect("status"));
+        let before = log.lock().expect("log").len();
+        reconcile(Arc::new(again.clone()), ctx.clone())
+            .await
+            .expect("reconcile");
+        let sent: Vec<_> = log.lock().expect("log")[before..]
+            .iter()
+            .filter(|(m, _, _)| m != "GET")
+            .cloned()
+            .collect();
+        assert!(sent.is_empty(), "{sent:?}");
+        assert_eq!(ctx.metrics.writes.get(), writes);
+        // A child changed (its watch saw an event): applied again.
+        let changed: ConfigMap = serde_json::from_value(json!({"metadata": {
+            "name": "orders-relay", "namespace": "shop",
+            "ownerReferences": [{"apiVersion": "outboxrelay.dev/v1alpha1", "kind": "OutboxRelay",
+                                 "name": "orders", "uid": r.uid().unwrap(), "controller": true}]}}))
+        .unwrap();
+        let to = ctx.applied.lock().unwrap().child_event(&changed);
+        assert_eq!(to, Some(ObjectRef::new("orders").within("shop")));
+        reconcile(Arc::new(again), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert_eq!(ctx.metrics.writes.get(), writes + 8);
+    }
+
     #[tokio::test]
     async fn missing_secret_degrades_without_applying_anything() {
         let mut secrets = all_secrets();
@@ -921,6 +1139,19 @@ mod tests {
         let degraded = condition(&p[0].1, "Degraded");
         assert_eq!(degraded["status"], "True");
         assert_eq!(degraded["reason"], "MissingSecret");
+        // Every condition type stays present, with its current truth.
+        for (t, status, reason) in [
+            ("Ready", "False", "MissingSecret"),
+            ("Progressing", "False", "MissingSecret"),
+            ("Stalled", "False", "Starting"),
+        ] {
+            let c = condition(&p[0].1, t);
+            assert_eq!(
+                (c["status"].as_str(), c["reason"].as_str()),
+                (Some(status), Some(reason)),
+                "{t}"
+            );
+        }
         let msg = degraded["message"].as_str().unwrap_or_default();
         assert!(
             msg.contains("shop/kafka-user") && msg.contains("spec.kafka.secretProperties"),

@@ -78,8 +78,17 @@ pub fn assess(
     match heartbeat {
         Some(t) if since(now, t) <= stale_after => {
             let lag = status.and_then(|s| s.lag.as_ref()).map_or(0, |l| l.seconds);
+            let positioned = status.is_some_and(|s| s.position.is_some());
             let ready = match (&error, max_lag) {
                 (Some(e), _) => cond("Ready", false, "RelayError", e.clone()),
+                // Ready means streaming from a known position: the leader
+                // reports once before it has set its start position.
+                (None, _) if !positioned => cond(
+                    "Ready",
+                    false,
+                    "NoPosition",
+                    format!("leader {leader} is reporting but has no position yet"),
+                ),
                 (None, Some(max)) if lag > max as u64 => cond(
                     "Ready",
                     false,
@@ -159,7 +168,7 @@ pub fn assess(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{LagStatus, LeaderStatus};
+    use crate::crd::{LagStatus, LeaderStatus, PositionStatus};
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).expect("time")
@@ -176,10 +185,27 @@ mod tests {
                 seconds: lag,
                 bytes: Some(0),
             }),
+            position: Some(PositionStatus {
+                short: "0-1-42".into(),
+                gtid: Some("0-1-42".into()),
+                file: "mysql-bin.000001".into(),
+                pos: 4242,
+                commit_time: None,
+            }),
             last_heartbeat_time: Some(at(hb).to_string()),
             last_error: error.map(str::to_owned),
             ..OutboxRelayStatus::default()
         }
+    }
+
+    #[test]
+    fn a_leader_without_a_position_is_not_ready() {
+        let mut s = reported(100, 0, None);
+        s.position = None;
+        let h = assess(Some(&s), FIVE, None, Some(at(0)), at(101));
+        assert!(!h.ready.status && !h.stalled.status, "{h:?}");
+        assert_eq!(h.ready.reason, "NoPosition");
+        assert!(h.ready.message.contains("orders-relay-7d9-x (epoch 4)"));
     }
 
     const FIVE: Duration = Duration::from_secs(5);

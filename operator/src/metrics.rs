@@ -27,6 +27,9 @@ pub struct Metrics {
     /// Failed reconciles (API errors) by reason.
     pub failures: Family<Labels, Counter>,
     pub duration: Histogram,
+    /// Write requests sent to the API server (applies, status, finalizers,
+    /// Events): none at steady state.
+    pub writes: Counter,
     /// 1 while this operator replica leads.
     pub is_leader: Gauge,
     /// Each relay's conditions (1 = True) as last computed.
@@ -43,6 +46,7 @@ impl Default for Metrics {
             reconciles: Family::default(),
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            writes: Counter::default(),
             is_leader: Gauge::default(),
             relay_condition: Family::default(),
             relay_lag: Family::default(),
@@ -57,6 +61,11 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "Time of one reconcile",
             m.duration.clone(),
+        );
+        r.register(
+            "api_writes",
+            "Write requests sent to the API server (applies, status, finalizers, Events)",
+            m.writes.clone(),
         );
         r.register(
             "is_leader",
