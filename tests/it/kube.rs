@@ -143,8 +143,26 @@ fn config_hash(d: &Deployment) -> String {
 }
 
 /// Applies the generated CRD (the API server must accept its structural
-/// schema and CEL rules) and waits until it is established.
+/// schema and CEL rules, without a warning) and waits until it is established.
 async fn install_crd(client: &Client) {
+    let out = std::process::Command::new("kubectl")
+        .args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            "crds/outboxrelays.yaml",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("run kubectl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl apply the CRD: {stderr}");
+    assert!(
+        !stderr.contains("Warning"),
+        "the API server warned about the CRD: {stderr}"
+    );
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition =
         serde_saphyr::from_str(&outbox_operator::crd_yaml().expect("crd yaml")).expect("crd");
@@ -246,6 +264,41 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
             "{t}: {status:?}"
         );
     }
+    // No kubelet here: the pods exist but never run, so the rollout is not
+    // complete (it was counted complete once the pods were merely updated).
+    let progressing = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .expect("Progressing");
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("True", "RollingOut"),
+        "{progressing:?}"
+    );
+    assert!(
+        progressing
+            .message
+            .starts_with("0 of 2 relay pods available"),
+        "{}",
+        progressing.message
+    );
+    // The API server took the default spreading of the relay pods.
+    let spread = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("default pod anti-affinity");
+    assert_eq!(
+        spread[0].pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
 
     malformed_resources_are_refused_naming_the_field(&client, &ns.name).await;
 
@@ -292,19 +345,31 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
         .delete("billing-redis", &DeleteParams::default())
         .await
         .expect("delete a secret");
-    wait_for(
+    let billing = wait_for(
         "billing Degraded=MissingSecret",
         Duration::from_secs(90),
         || async {
             let r = relays.get("billing").await.ok()?;
-            r.status?
-                .conditions
+            let st = r.status?;
+            st.conditions
                 .iter()
                 .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "MissingSecret")
-                .then_some(())
+                .then_some(st)
         },
     )
     .await;
+    // Every condition type stays present, with its current truth.
+    let mut types: Vec<&str> = billing
+        .conditions
+        .iter()
+        .map(|c| c.type_.as_str())
+        .collect();
+    types.sort_unstable();
+    assert_eq!(
+        types,
+        ["Degraded", "Progressing", "Ready", "Stalled"],
+        "{billing:?}"
+    );
     assert!(!operator.is_finished(), "the operator stopped");
 
     // Deleting the OutboxRelay removes every child (garbage collection).
@@ -362,6 +427,37 @@ async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &
         merge(&mut o["spec"], &change);
         serde_json::from_value::<DynamicObject>(o).expect("object")
     };
+    // Names every child could not carry (a Service name is a DNS-1035
+    // label): refused by the CRD's rule on metadata.name.
+    for name in ["orders.v2", "9orders", &"o".repeat(58)] {
+        let e = api
+            .patch(
+                name,
+                &strict,
+                &Patch::Apply(object(name, serde_json::json!({}))),
+            )
+            .await
+            .expect_err(&format!("the API server must refuse the name {name}"));
+        let msg = match &e {
+            kube::Error::Api(s) => s.message.clone(),
+            other => other.to_string(),
+        };
+        assert!(
+            msg.contains("metadata.name must be at most 57"),
+            "{name}: {msg}"
+        );
+    }
+    let longest = "o".repeat(57);
+    api.patch(
+        &longest,
+        &strict,
+        &Patch::Apply(object(&longest, serde_json::json!({}))),
+    )
+    .await
+    .expect("the longest name is accepted");
+    api.delete(&longest, &DeleteParams::default())
+        .await
+        .expect("delete");
     for (change, field) in [
         (serde_json::json!({"replicas": "two"}), "spec.replicas"),
         (serde_json::json!({"replicaz": 2}), "replicaz"),
@@ -465,11 +561,12 @@ async fn status_tells_the_truth_on_a_real_cluster() {
     let mut cr = sample::<OutboxRelay>("outboxrelay-minimal.yaml").remove(0);
     cr.spec.heartbeat_interval = Some("1s".into());
     apply(&relays, &cr).await;
+    let metrics = outbox_operator::metrics::Metrics::default();
     let operator = tokio::spawn(outbox_operator::controller::run(
         client.clone(),
         Some(ns.name.clone()),
         "outbox-relay:e2e".into(),
-        outbox_operator::metrics::Metrics::default(),
+        metrics.clone(),
     ));
 
     let f = Fixture::new("kstatus", mysql_port(), &["Order"], 3).await;
@@ -559,6 +656,18 @@ async fn status_tells_the_truth_on_a_real_cluster() {
         "Stalled shown {:?} after the last relay died",
         killed.elapsed()
     );
+    // Steady state while Stalled (rechecked every second): the operator
+    // writes nothing — no child, no status, no Event.
+    let settled = metrics.writes.get();
+    let window = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < window {
+        assert_eq!(
+            metrics.writes.get(),
+            settled,
+            "the operator wrote at steady state"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // One relay back: Ready again.
     a = start(&f);
@@ -888,4 +997,55 @@ async fn operator_binary_runs_with_the_charts_rbac() {
     let _ = Command::new("kubectl")
         .args(["delete", "--ignore-not-found", "-f", &rbac])
         .output();
+}
+
+/// `kubectl describe` shows the latest message: an occurrence with a new
+/// note is an Event of its own; the same note again joins its series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
+async fn events_carry_the_latest_message() {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::Resource;
+    use outbox_operator::events::{EventType, Recorder};
+
+    let client = cluster().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "obr-events").await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let mut cr = sample::<OutboxRelay>("outboxrelay-minimal.yaml").remove(0);
+    cr.metadata.namespace = Some(ns.name.clone());
+    apply(&relays, &cr).await;
+    let reference = relays.get("orders").await.expect("orders").object_ref(&());
+    let recorder = Recorder::new(client.clone(), "outbox-operator", None);
+    for note in ["no relay report since 10:00", "no relay report since 10:05"] {
+        for _ in 0..2 {
+            recorder
+                .publish(&reference, EventType::Warning, "Stalled", "Reconcile", note)
+                .await
+                .expect("publish");
+        }
+    }
+    let events = Api::<Event>::namespaced(client, &ns.name)
+        .list(&ListParams::default())
+        .await
+        .expect("list events");
+    let mut seen: Vec<(String, i32)> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Stalled"))
+        .map(|e| {
+            (
+                e.note.clone().unwrap_or_default(),
+                e.series.as_ref().map_or(1, |s| s.count),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("no relay report since 10:00".to_string(), 2),
+            ("no relay report since 10:05".to_string(), 2)
+        ]
+    );
 }
