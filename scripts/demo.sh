@@ -6,9 +6,19 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
+log() { echo "demo.sh: $*" >&2; }
+command -v cargo >/dev/null || {
+  log "cargo not found: install a Rust toolchain (rustup, Rust 1.85 or newer), then run this again"
+  exit 1
+}
 
+log "starting MariaDB (3307), Redis (6390) and the broker (9092), installing what is missing" \
+  "(the first broker build takes 25-40 min)"
 scripts/services.sh start
-cargo build --quiet -p outbox-relay --bin outbox-relay --example tail
+log "building the relay (~3 min the first time)"
+QUIET=--quiet
+[ -t 2 ] && QUIET= # cargo's progress on a terminal
+cargo build $QUIET -p outbox-relay --bin outbox-relay --example tail
 
 SQL="mariadb --no-defaults -h127.0.0.1 -P3307 -uapp -papp-password --default-character-set=utf8mb4"
 $SQL < config/local/schema.sql
@@ -52,3 +62,6 @@ wait $RELAY || true
 trap - EXIT
 echo "relay stopped; checkpoint in Redis:"
 redis-cli -p 6390 HGETALL outbox-relay:demo:checkpoint
+echo
+echo "Still running: MariaDB (127.0.0.1:3307), Redis (6390) and the broker (9092), data in"
+echo "target/services/; run the demo again as it is, or stop them with: scripts/services.sh stop"

@@ -36,6 +36,16 @@ apt_install() {
 }
 
 install_all() {
+  # What building the workspace needs: a C/C++ toolchain and cmake for the
+  # bundled librdkafka, OpenSSL headers and pkg-config for TLS.
+  local missing=() p
+  for p in gcc g++ make cmake pkg-config libssl-dev xz-utils; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing build prerequisites: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
   if ! command -v mariadbd >/dev/null 2>&1 && ! [ -x /usr/sbin/mariadbd ]; then
     log "installing mariadb-server"
     apt_install mariadb-server mariadb-client
@@ -54,7 +64,8 @@ install_all() {
   if ! tansu_ok; then
     # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
     # data survives a broker restart like a real Kafka. Skipped when present.
-    log "installing tansu $TANSU_VERSION (slow: builds from crates.io)"
+    log "installing tansu $TANSU_VERSION (slow: builds from crates.io, 25-40 min on 2 cores; the" \
+      "'package ... is yanked' warnings that open it are about versions its lock file pins: harmless)"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
   fi
 }
@@ -190,7 +201,6 @@ case "${1:-start}" in
   install) install_all; install_helm >/dev/null ;;
   helm) install_helm ;;
   start)
-    install_helm >/dev/null
     install_all
     start_mariadb "$ENV_DIR/mariadb" "$MYSQL_PORT"
     start_redis "$ENV_DIR/redis" "$REDIS_PORT"

@@ -16,8 +16,17 @@ export PATH="$HOME/.cargo/bin:$PATH"
 K8S=$ROOT/../shared/k8s
 
 log() { echo "test.sh: $*" >&2; }
+command -v cargo >/dev/null || {
+  log "cargo not found: install a Rust toolchain (rustup, Rust 1.85 or newer), then run this again"
+  exit 1
+}
+# Progress from cargo on a terminal; quiet in logs (CI).
+QUIET=--quiet
+[ -t 2 ] && QUIET=
 
+log "starting MariaDB, Redis and the broker (installing what is missing; the first broker build takes 25-40 min)"
 scripts/services.sh start
+scripts/services.sh helm >/dev/null # the chart tests' helm
 if [ -n "${KUBECONFIG:-}" ]; then
   log "Kubernetes end-to-end tests against KUBECONFIG=$KUBECONFIG"
 elif [ -f "$K8S/up.sh" ]; then
@@ -34,11 +43,13 @@ elif [ "${CI:-}" = true ]; then
   exit 1
 fi
 
-log "formatting and lints (cargo fmt, clippy)"
+log "formatting and lints (cargo fmt, clippy: ~3 min on 2 cores the first time)"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-log "building the binaries"
-cargo build --workspace --bins --quiet
+cargo clippy --workspace --all-targets $QUIET -- -D warnings
+log "building the binaries and tests (~4 min the first time)"
+cargo build --workspace --bins $QUIET
+cargo test --workspace --no-run $QUIET
+log "unit and integration tests (~4 min)"
 cargo test --workspace
 # The benchmark's smoke version (debug build, 5,000 rows, no targets), so it cannot rot.
 cargo test -p outbox-tests --bench relay
