@@ -55,6 +55,8 @@ pub struct Context {
     pub client: Client,
     /// What was applied for each OutboxRelay, shared with the children's watches.
     pub applied: Arc<std::sync::Mutex<Applied>>,
+    /// The referenced Secrets as last read, shared with the Secrets' watch.
+    pub secrets: Arc<std::sync::Mutex<Secrets>>,
     /// Relay image when the spec does not name one.
     pub relay_image: String,
     pub recorder: Recorder,
@@ -225,19 +227,44 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut versions = BTreeMap::new();
     for (use_, r) in &v.secrets {
-        let missing = match secrets.get_opt(&r.name).await? {
+        let known = ctx.secrets.lock().expect("secrets lock").get(&ns, &r.name);
+        let found = match known {
+            Some(k) => Some(k),
+            None => {
+                let seen = ctx.secrets.lock().expect("secrets lock").events;
+                let read = secrets.get_opt(&r.name).await?.map(|s| SecretShape::of(&s));
+                if let Some(k) = &read {
+                    ctx.secrets.lock().expect("secrets lock").remember(
+                        &ns,
+                        &r.name,
+                        seen,
+                        k.clone(),
+                    );
+                }
+                read
+            }
+        };
+        let missing = match found {
             None => Some(format!("Secret {ns}/{} ({use_}) does not exist", r.name)),
-            Some(s) if !has_key(&s, &r.key) => Some(format!(
+            Some(k) if !k.keys.contains(&r.key) => Some(format!(
                 "Secret {ns}/{} has no key `{}` ({use_})",
                 r.name, r.key
             )),
-            Some(s) => {
-                versions.insert(r.name.clone(), s.resource_version().unwrap_or_default());
+            Some(k) => {
+                versions.insert(r.name.clone(), k.version);
                 None
             }
         };
         if let Some(message) = missing {
-            publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
+            // Once per occurrence, not at every poll.
+            let told = obj.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "Degraded" && c.reason == "MissingSecret" && c.message == message
+                })
+            });
+            if !told {
+                publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
+            }
             let conds = blocked("MissingSecret", message, stalled(obj));
             patch_status(ctx, &relays, obj, &conds).await?;
             ctx.metrics.outcome("missing_secret");
@@ -512,9 +539,54 @@ pub fn error_policy(_obj: Arc<Guarded>, _err: &Error, _ctx: Arc<Context>) -> Act
     Action::requeue(Duration::from_secs(5))
 }
 
-fn has_key(s: &Secret, key: &str) -> bool {
-    s.data.as_ref().is_some_and(|d| d.contains_key(key))
-        || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
+/// What the reconcile needs of a Secret: its version and key names, never
+/// its values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SecretShape {
+    version: String,
+    keys: std::collections::BTreeSet<String>,
+}
+
+impl SecretShape {
+    fn of(s: &Secret) -> SecretShape {
+        SecretShape {
+            version: s.resource_version().unwrap_or_default(),
+            keys: s
+                .data
+                .iter()
+                .flat_map(|d| d.keys())
+                .chain(s.string_data.iter().flat_map(|d| d.keys()))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The referenced Secrets as last read, so a reconcile with nothing new
+/// (every relay report) reads none. Any watch event of a Secret (created,
+/// changed, deleted) drops what was known of it, and a read that overlapped
+/// any Secret event is not kept: it may predate the change.
+#[derive(Default)]
+pub struct Secrets {
+    events: u64,
+    known: std::collections::HashMap<(String, String), SecretShape>,
+}
+
+impl Secrets {
+    fn get(&self, ns: &str, name: &str) -> Option<SecretShape> {
+        self.known.get(&(ns.into(), name.into())).cloned()
+    }
+
+    fn remember(&mut self, ns: &str, name: &str, seen: u64, shape: SecretShape) {
+        if self.events == seen {
+            self.known.insert((ns.into(), name.into()), shape);
+        }
+    }
+
+    fn forget(&mut self, ns: &str, name: &str) {
+        self.events += 1;
+        self.known.remove(&(ns.into(), name.into()));
+    }
 }
 
 /// Progressing from the applied Deployment's status.
@@ -741,9 +813,11 @@ pub async fn run(
     let store = controller.store();
     let recorder = Recorder::new(client.clone(), MANAGER, std::env::var("POD_NAME").ok());
     let applied = Arc::<std::sync::Mutex<Applied>>::default();
+    let known_secrets = Arc::<std::sync::Mutex<Secrets>>::default();
     let ctx = Arc::new(Context {
         client: client.clone(),
         applied: applied.clone(),
+        secrets: known_secrets.clone(),
         relay_image,
         recorder,
         metrics,
@@ -804,6 +878,10 @@ pub async fn run(
             move |secret| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
+                known_secrets
+                    .lock()
+                    .expect("secrets lock")
+                    .forget(ns.as_deref().unwrap_or_default(), &name);
                 store
                     .state()
                     .into_iter()
@@ -945,6 +1023,7 @@ mod tests {
         let ctx = Context {
             client,
             applied: Default::default(),
+            secrets: Default::default(),
             relay_image: "outbox-relay:test".into(),
             recorder,
             metrics: Metrics::default(),
@@ -1091,7 +1170,7 @@ mod tests {
     }
 
     /// Steady state: a reconcile that finds nothing new (a recheck, a relay
-    /// report) writes nothing — not the children, not the status.
+    /// report) sends nothing — no child, no status, not even a Secret read.
     #[tokio::test]
     async fn a_reconcile_with_nothing_new_writes_nothing() {
         let r = relay(FULL);
@@ -1106,13 +1185,30 @@ mod tests {
         reconcile(Arc::new(again.clone()), ctx.clone())
             .await
             .expect("reconcile");
-        let sent: Vec<_> = log.lock().expect("log")[before..]
-            .iter()
-            .filter(|(m, _, _)| m != "GET")
-            .cloned()
-            .collect();
+        let sent = log.lock().expect("log")[before..].to_vec();
         assert!(sent.is_empty(), "{sent:?}");
         assert_eq!(ctx.metrics.writes.get(), writes);
+        // A Secret event (here: the password's): read again, nothing written.
+        ctx.secrets.lock().unwrap().forget("shop", "mysql-relay");
+        reconcile(Arc::new(again.clone()), ctx.clone())
+            .await
+            .expect("reconcile");
+        let sent: Vec<(String, String)> = log.lock().expect("log")[before..]
+            .iter()
+            .map(|(m, u, _)| {
+                (
+                    m.clone(),
+                    u.split('?').next().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [(
+                "GET".to_string(),
+                "/api/v1/namespaces/shop/secrets/mysql-relay".to_string()
+            )]
+        );
         // A child changed (its watch saw an event): applied again.
         let changed: ConfigMap = serde_json::from_value(json!({"metadata": {
             "name": "orders-relay", "namespace": "shop",
@@ -1406,11 +1502,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn silent_relays_are_stalled_with_an_event_and_a_prompt_recheck() {
+    async fn silent_relays_are_stalled_with_an_event_and_no_polling() {
         let r = reported(11);
         let (ctx, log) = fake(all_secrets(), &r);
         let action = reconcile(r, ctx).await.expect("reconcile");
-        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        // Only a relay's report can end the stall, and that is a watch event.
+        assert_eq!(action, Action::requeue(crate::health::STALLED_RECHECK));
         let p = patches(&log);
         let status = &p.last().expect("status").1;
         let stalled = condition(status, "Stalled");
