@@ -43,10 +43,10 @@ elif [ "${CI:-}" = true ]; then
   exit 1
 fi
 
-log "formatting and lints (cargo fmt, clippy: ~3 min on 2 cores the first time)"
+log "formatting and lints (cargo fmt, clippy: ~4 min on 2 cores the first time)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets $QUIET -- -D warnings
-log "building the binaries and tests (~4 min the first time)"
+log "building the binaries and tests (~8 min the first time)"
 cargo build --workspace --bins $QUIET
 cargo test --workspace --no-run $QUIET
 log "unit and integration tests (~4 min)"
@@ -57,7 +57,7 @@ cargo test -p outbox-tests --bench relay
 # The tests that need a cluster are #[ignore]d in the run above (shown there
 # as ignored, with the reason) and run here by name.
 if [ -n "${KUBECONFIG:-}" ]; then
-  log "Kubernetes end-to-end tests (tests/it/kube.rs)"
+  log "Kubernetes end-to-end tests (tests/it/kube.rs, ~2 min)"
   cargo test -p outbox-tests --test integration -- --ignored kube::
 else
   skipped=$(cargo test -p outbox-tests --test integration -- --ignored --list kube:: 2>/dev/null |
