@@ -102,13 +102,25 @@ impl Applied {
     }
 
     /// A child changed or went: its controlling OutboxRelay, to reconcile.
-    fn child_event<K: Resource>(&mut self, child: &K) -> Option<ObjectRef<Guarded>> {
+    /// `exists` says whether that OutboxRelay is still there: one deleted
+    /// without a finalizer is never reconciled again, so its children's
+    /// events (their garbage collection) are where it is forgotten.
+    fn child_event<K: Resource>(
+        &mut self,
+        child: &K,
+        exists: impl Fn(&ObjectRef<Guarded>) -> bool,
+    ) -> Option<ObjectRef<Guarded>> {
         let owner = child
             .owner_references()
             .iter()
             .find(|o| o.controller == Some(true) && o.kind == "OutboxRelay")?;
-        *self.events.entry(owner.uid.clone()).or_default() += 1;
-        Some(ObjectRef::new(&owner.name).within(&child.namespace()?))
+        let relay = ObjectRef::new(&owner.name).within(&child.namespace()?);
+        if exists(&relay) {
+            *self.events.entry(owner.uid.clone()).or_default() += 1;
+        } else {
+            self.forget(&owner.uid);
+        }
+        Some(relay)
     }
 }
 
@@ -827,48 +839,54 @@ pub async fn run(
     // (Not the Lease: the relays renew it every retry period.)
     fn child<K>(
         applied: &Arc<std::sync::Mutex<Applied>>,
+        relays: &kube::runtime::reflector::Store<Guarded>,
     ) -> impl Fn(K) -> Option<ObjectRef<Guarded>>
     where
         K: Resource,
     {
-        let applied = applied.clone();
-        move |obj| applied.lock().expect("applied lock").child_event(&obj)
+        let (applied, relays) = (applied.clone(), relays.clone());
+        move |obj| {
+            applied
+                .lock()
+                .expect("applied lock")
+                .child_event(&obj, |r| relays.get(r).is_some())
+        }
     }
     controller
         .watches(
             api::<Deployment>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<ConfigMap>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<ServiceAccount>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<Role>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<RoleBinding>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<Service>(&client, &namespace),
             children.clone(),
-            child(&applied),
+            child(&applied, &store),
         )
         .watches(
             api::<PodDisruptionBudget>(&client, &namespace),
             children,
-            child(&applied),
+            child(&applied, &store),
         )
         // A created, changed or deleted Secret reconciles the relays that
         // reference it by name (it rolls their pods through the config hash).
@@ -1215,12 +1233,19 @@ mod tests {
             "ownerReferences": [{"apiVersion": "outboxrelay.dev/v1alpha1", "kind": "OutboxRelay",
                                  "name": "orders", "uid": r.uid().unwrap(), "controller": true}]}}))
         .unwrap();
-        let to = ctx.applied.lock().unwrap().child_event(&changed);
+        let to = ctx.applied.lock().unwrap().child_event(&changed, |_| true);
         assert_eq!(to, Some(ObjectRef::new("orders").within("shop")));
         reconcile(Arc::new(again), ctx.clone())
             .await
             .expect("reconcile");
         assert_eq!(ctx.metrics.writes.get(), writes + 8);
+        // The OutboxRelay went (no finalizer: never reconciled again): its
+        // children's garbage collection forgets it.
+        let mut applied = ctx.applied.lock().unwrap();
+        let uid = r.uid().unwrap();
+        assert!(applied.done.contains_key(&uid));
+        applied.child_event(&changed, |_| false);
+        assert!(!applied.done.contains_key(&uid) && !applied.events.contains_key(&uid));
     }
 
     #[tokio::test]
