@@ -227,7 +227,9 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
         Err(e) => {
             // A bad spec waits for the user: no retry loop, no crash.
             let message = e.to_string();
-            publish(ctx, obj, EventType::Warning, "InvalidSpec", &message).await;
+            if !already_degraded(obj, "InvalidSpec", &message) {
+                publish(ctx, obj, EventType::Warning, "InvalidSpec", &message).await;
+            }
             let conds = blocked("InvalidSpec", message, stalled(obj));
             patch_status(ctx, &relays, obj, &conds).await?;
             ctx.metrics.outcome("invalid_spec");
@@ -268,13 +270,7 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
             }
         };
         if let Some(message) = missing {
-            // Once per occurrence, not at every poll.
-            let told = obj.status.as_ref().is_some_and(|s| {
-                s.conditions.iter().any(|c| {
-                    c.type_ == "Degraded" && c.reason == "MissingSecret" && c.message == message
-                })
-            });
-            if !told {
+            if !already_degraded(obj, "MissingSecret", &message) {
                 publish(ctx, obj, EventType::Warning, "MissingSecret", &message).await;
             }
             let conds = blocked("MissingSecret", message, stalled(obj));
@@ -532,6 +528,17 @@ fn blocked(reason: &'static str, message: String, stalled: Cond) -> [Cond; 4] {
         },
         stalled,
     ]
+}
+
+/// Does the status already say `Degraded` for this reason and message? Its
+/// Event is then not recorded again: once per occurrence, not at every
+/// reconcile (a poll, each relay report).
+fn already_degraded(obj: &OutboxRelay, reason: &str, message: &str) -> bool {
+    obj.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == reason && c.message == message)
+    })
 }
 
 /// `Stalled` from the relays' reports (the other conditions left aside).
@@ -1284,7 +1291,7 @@ mod tests {
     async fn invalid_spec_sets_ready_false_records_an_event_and_waits() {
         let bad = FULL.replace("  deadLetterTopic: outbox.dlq\n", "");
         let (ctx, log) = fake(all_secrets(), &relay(&bad));
-        let action = reconcile(relay(&bad), ctx).await.expect("no crash");
+        let action = reconcile(relay(&bad), ctx.clone()).await.expect("no crash");
         assert_eq!(action, Action::await_change());
         let requests = log.lock().expect("log").clone();
         let event = requests
@@ -1303,6 +1310,14 @@ mod tests {
             .as_str()
             .unwrap_or_default()
             .contains("spec.kafka.deadLetterTopic"));
+        // Reconciled again (a relay report) with that status: no second
+        // Event, no status write.
+        let mut again = (*relay(&bad)).clone();
+        again.status = Some(serde_json::from_value(p[0].1["status"].clone()).expect("status"));
+        let before = log.lock().expect("log").len();
+        reconcile(Arc::new(again), ctx).await.expect("no crash");
+        let sent = log.lock().expect("log")[before..].to_vec();
+        assert!(sent.is_empty(), "{sent:?}");
     }
 
     #[tokio::test]
