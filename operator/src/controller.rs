@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -20,7 +21,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -842,8 +843,27 @@ pub async fn run(
         metrics,
         leaders: Default::default(),
     });
-    // The children, as `owns` would, counting their events for `Applied`.
-    // (Not the Lease: the relays renew it every retry period.)
+    // The Lease is not watched through the controller: its holder renews it
+    // every retry period. Only its deletion matters — the relays may not
+    // create it — and makes the next reconcile of its OutboxRelay (a relay
+    // report, the recheck) apply the children again.
+    let lease_deletions = {
+        let applied = applied.clone();
+        tokio::spawn(
+            watcher(api::<Lease>(&client, &namespace), children.clone())
+                .default_backoff()
+                .for_each(move |e| {
+                    if let Ok(watcher::Event::Delete(lease)) = e {
+                        applied
+                            .lock()
+                            .expect("applied lock")
+                            .child_event(&lease, |_| true);
+                    }
+                    std::future::ready(())
+                }),
+        )
+    };
+    // The other children, as `owns` would, counting their events for `Applied`.
     fn child<K>(
         applied: &Arc<std::sync::Mutex<Applied>>,
         relays: &kube::runtime::reflector::Store<Guarded>,
@@ -926,6 +946,7 @@ pub async fn run(
             }
         })
         .await;
+    lease_deletions.abort();
     Ok(())
 }
 

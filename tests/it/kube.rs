@@ -194,11 +194,12 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
             apply(&relays, &r).await;
         }
     }
+    let metrics = outbox_operator::metrics::Metrics::default();
     let operator = tokio::spawn(outbox_operator::controller::run(
         client.clone(),
         Some(ns.name.clone()),
         "outbox-relay:e2e".into(),
-        outbox_operator::metrics::Metrics::default(),
+        metrics.clone(),
     ));
 
     // Every child, owned by its OutboxRelay.
@@ -239,6 +240,43 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
     child!(Lease, "orders-relay-leader");
     child!(Service, "orders-relay");
     child!(PodDisruptionBudget, "orders-relay");
+
+    // The Lease, the one child not watched through the controller (its
+    // holder renews it), deleted: back at the next reconcile, which a relay
+    // report (here: a change of the resource) brings.
+    // From steady state: the operator has written nothing for 2 s.
+    let mut last = (metrics.writes.get(), std::time::Instant::now());
+    wait_for("the operator quiet", Duration::from_secs(60), || {
+        let now = (metrics.writes.get(), std::time::Instant::now());
+        let quiet = if now.0 == last.0 {
+            last.1.elapsed() >= Duration::from_secs(2)
+        } else {
+            last = now;
+            false
+        };
+        async move { quiet.then_some(()) }
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    leases
+        .delete("orders-relay-leader", &DeleteParams::default())
+        .await
+        .expect("delete the Lease");
+    let touches = std::sync::atomic::AtomicU32::new(0);
+    wait_for("the Lease recreated", Duration::from_secs(30), || async {
+        let n = touches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let touch = serde_json::json!({"metadata": {"annotations": {"e2e/touch": n.to_string()}}});
+        relays
+            .patch("orders", &PatchParams::default(), &Patch::Merge(touch))
+            .await
+            .ok()?;
+        leases
+            .get_opt("orders-relay-leader")
+            .await
+            .ok()?
+            .map(|_| ())
+    })
+    .await;
 
     // Conditions for the current generation.
     let status = wait_for("orders status", Duration::from_secs(60), || async {
