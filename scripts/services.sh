@@ -61,6 +61,9 @@ install_all() {
   if ! command -v openssl >/dev/null 2>&1; then
     apt_install openssl
   fi
+  # The journey tests' kubelet (tests/it/kubelet.rs): namespaces, bridges.
+  command -v socat >/dev/null 2>&1 || apt_install socat
+  command -v ip >/dev/null 2>&1 || apt_install iproute2
   if ! tansu_ok; then
     # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
     # data survives a broker restart like a real Kafka. Skipped when present.

@@ -33,7 +33,7 @@ use crate::support::*;
 /// A client for the cluster in `KUBECONFIG`, with the crypto provider the
 /// binaries use. These tests run only when asked for (`--ignored`): without
 /// a cluster that is a failure, not a pass.
-async fn cluster() -> Client {
+pub(crate) async fn cluster() -> Client {
     outbox_relay::install_crypto_provider();
     assert!(
         std::env::var_os("KUBECONFIG").is_some(),
@@ -46,12 +46,12 @@ async fn cluster() -> Client {
 }
 
 /// A namespace of the test's own, deleted when dropped (also on failure).
-struct TestNamespace {
-    name: String,
+pub(crate) struct TestNamespace {
+    pub(crate) name: String,
 }
 
 impl TestNamespace {
-    async fn create(client: &Client, prefix: &str) -> TestNamespace {
+    pub(crate) async fn create(client: &Client, prefix: &str) -> TestNamespace {
         let name = format!("{prefix}-{}", unique().to_lowercase());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"outboxrelay.dev/e2e": "true"}}
@@ -114,7 +114,7 @@ async fn relays_elect_through_a_kubernetes_lease() {
     assert!(spec.lease_transitions.unwrap_or(0) >= 6, "{spec:?}");
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K)
+pub(crate) async fn apply<K>(api: &Api<K>, obj: &K)
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
 {
@@ -562,7 +562,7 @@ async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &
         .expect("delete");
 }
 
-fn condition(r: &OutboxRelay, t: &str) -> Option<(String, String)> {
+pub(crate) fn condition(r: &OutboxRelay, t: &str) -> Option<(String, String)> {
     r.status
         .as_ref()?
         .conditions

@@ -4,7 +4,9 @@
 mod chart;
 mod election;
 mod faults;
+mod journey;
 mod kube;
+mod kubelet;
 mod operator;
 mod outages;
 mod relay;
