@@ -10,6 +10,7 @@
 #   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
 #   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
 #   scripts/services.sh start-broker  DIR PORT [memory|sqlite]
+#   scripts/services.sh start-nats    DIR PORT [nats-server args...]   (the NATS sink's tests)
 #   scripts/services.sh stop-dir DIR     stop whatever runs from DIR
 #
 # Ports (override with env): MariaDB 3307, Redis 6390, broker 9092.
@@ -64,6 +65,8 @@ install_all() {
   # The journey tests' kubelet (tests/it/kubelet.rs): namespaces, bridges.
   command -v socat >/dev/null 2>&1 || apt_install socat
   command -v ip >/dev/null 2>&1 || apt_install iproute2
+  # The NATS sink's tests start private JetStream servers.
+  command -v nats-server >/dev/null 2>&1 || apt_install nats-server
   if ! tansu_ok; then
     # Built once (~25-30 min on 2 cores) with the sqlite engine, so acknowledged
     # data survives a broker restart like a real Kafka. Skipped when present.
@@ -164,6 +167,18 @@ start_redis() { # dir port [args]
   log "Redis on 127.0.0.1:$port"
 }
 
+start_nats() { # dir port [nats-server args]: JetStream on, store in dir
+  local dir=$1 port=$2; shift 2
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if running "$dir/nats.pid"; then return 0; fi
+  port_free "$port" "nats-server" || return 1
+  (exec setsid nats-server -js -a 127.0.0.1 -p "$port" -sd "$dir/js" -P "$dir/nats.pid" "$@" \
+    >"$dir/nats.log" 2>&1 </dev/null) &
+  wait_port 127.0.0.1 "$port" "nats-server" 30 || { tail -20 "$dir/nats.log" >&2; return 1; }
+  log "nats-server (JetStream) on 127.0.0.1:$port (store in $dir/js)"
+}
+
 start_broker() { # dir port [sqlite|memory]
   local dir=$1 port=$2 engine=${3:-memory}
   mkdir -p "$dir"
@@ -197,7 +212,7 @@ stop_pidfile() { # pidfile
 }
 
 stop_dir() {
-  for f in "$1/tansu.pid" "$1/redis.pid" "$1/mysqld.pid"; do stop_pidfile "$f"; done
+  for f in "$1/tansu.pid" "$1/redis.pid" "$1/mysqld.pid" "$1/nats.pid"; do stop_pidfile "$f"; done
 }
 
 case "${1:-start}" in
@@ -218,6 +233,7 @@ case "${1:-start}" in
   start-mariadb) shift; start_mariadb "$@" ;;
   start-redis) shift; start_redis "$@" ;;
   start-broker) shift; start_broker "$@" ;;
+  start-nats) shift; start_nats "$@" ;;
   stop-dir) stop_dir "$2" ;;
-  *) echo "usage: $0 start|stop|status|install|start-mariadb|start-redis|start-broker|stop-dir" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|install|start-mariadb|start-redis|start-broker|start-nats|stop-dir" >&2; exit 2 ;;
 esac

@@ -521,7 +521,7 @@ impl Source {
         epoch: u64,
         metrics: Metrics,
     ) -> Result<Source, SourceError> {
-        let max = max_message_bytes(&cfg);
+        let max = cfg.max_message_bytes();
         let mappers = cfg
             .outboxes
             .iter()
@@ -1017,15 +1017,6 @@ fn mysql_sids(set: &MysqlGtidSet) -> Vec<mysql_async::Sid<'static>> {
             )
         })
         .collect()
-}
-
-/// `message.max.bytes` from the Kafka properties (librdkafka's default otherwise).
-pub fn max_message_bytes(cfg: &Config) -> usize {
-    cfg.kafka
-        .properties
-        .get("message.max.bytes")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
 }
 
 #[cfg(test)]

@@ -75,7 +75,11 @@ pub struct Config {
     pub mysql: MysqlConfig,
     #[serde(rename = "outbox")]
     pub outboxes: Vec<OutboxConfig>,
-    pub kafka: KafkaConfig,
+    /// The sink: exactly one of `[kafka]` and `[nats]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsConfig>,
     pub redis: RedisConfig,
     #[serde(default)]
     pub election: ElectionConfig,
@@ -231,6 +235,75 @@ pub struct KafkaConfig {
     pub create_topics: Option<CreateTopics>,
     #[serde(skip)]
     pub secret_properties: BTreeMap<String, Secret>,
+}
+
+/// NATS JetStream as the sink. Secrets come from the environment:
+/// `OUTBOX_RELAY_NATS_PASSWORD` (with `user`), `OUTBOX_RELAY_NATS_TOKEN`,
+/// `OUTBOX_RELAY_NATS_NKEY` (an NKey seed), or a `credentials_file`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated: `nats://host:4222`, `tls://host:4222`.
+    pub url: String,
+    /// The JetStream stream every record goes to (checked at start).
+    pub stream: String,
+    /// Create `stream` at start when it does not exist (file storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_stream: Option<CreateStream>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// CA of the server's certificate (PEM), for a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_required: bool,
+    /// How long a publish waits for its JetStream acknowledgement before the
+    /// stream restarts at the last acknowledged commit.
+    #[serde(default = "default_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// The server's `max_payload` (NATS' default 1 MiB): larger rows are bad rows.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+    #[serde(default)]
+    pub bad_row_policy: BadRowPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_subject: Option<String>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    #[serde(skip)]
+    pub token: Option<Secret>,
+    #[serde(skip)]
+    pub nkey: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateStream {
+    pub subjects: Vec<String>,
+    /// JetStream drops a message whose `Nats-Msg-Id` it stored within this
+    /// window: the replays after a crash.
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    #[serde(default = "one_replica")]
+    pub replicas: usize,
+}
+
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_payload() -> usize {
+    1024 * 1024
+}
+
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn one_replica() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -491,8 +564,16 @@ impl Config {
         if let Some(v) = get("OUTBOX_RELAY_MYSQL_USER") {
             self.mysql.user = v;
         }
-        if let Some(v) = get("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS") {
-            self.kafka.bootstrap_servers = v;
+        if let (Some(v), Some(k)) = (get("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS"), &mut self.kafka) {
+            k.bootstrap_servers = v;
+        }
+        if let Some(n) = &mut self.nats {
+            if let Some(v) = get("OUTBOX_RELAY_NATS_URL") {
+                n.url = v;
+            }
+            n.password = get("OUTBOX_RELAY_NATS_PASSWORD").map(Secret::new);
+            n.token = get("OUTBOX_RELAY_NATS_TOKEN").map(Secret::new);
+            n.nkey = get("OUTBOX_RELAY_NATS_NKEY").map(Secret::new);
         }
         if let Some(v) = get("OUTBOX_RELAY_REDIS_URL") {
             self.redis.url = v;
@@ -519,9 +600,9 @@ impl Config {
             if k == "OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS" {
                 continue;
             }
-            if let Some(prop) = k.strip_prefix(KAFKA_ENV_PREFIX) {
+            if let (Some(prop), Some(kafka)) = (k.strip_prefix(KAFKA_ENV_PREFIX), &mut self.kafka) {
                 let prop = prop.to_ascii_lowercase().replace('_', ".");
-                self.kafka.secret_properties.insert(prop, Secret::new(v));
+                kafka.secret_properties.insert(prop, Secret::new(v));
             }
         }
         Ok(())
@@ -594,37 +675,51 @@ impl Config {
                     .map_err(|m| invalid(f(&format!("topic_map.{k}")), m))?;
             }
         }
-        if self.kafka.bootstrap_servers.is_empty() {
-            return Err(invalid("kafka.bootstrap_servers", "must not be empty"));
-        }
-        match (&self.kafka.bad_row_policy, &self.kafka.dead_letter_topic) {
-            (BadRowPolicy::DeadLetter, None) => {
+        match (&self.kafka, &self.nats) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("nats", "set either [kafka] or [nats], not both"))
+            }
+            (None, None) => {
                 return Err(invalid(
-                    "kafka.dead_letter_topic",
-                    "required with bad_row_policy = \"dead_letter\"",
+                    "kafka",
+                    "required (or [nats]): where the records go",
                 ))
             }
-            (_, Some(t)) => crate::outbox::validate_topic_name(t)
-                .map_err(|m| invalid("kafka.dead_letter_topic", m))?,
-            _ => {}
-        }
-        for k in self.kafka.properties.keys() {
-            if is_secret_property(k) {
-                return Err(invalid(
-                    format!("kafka.properties.{k}"),
-                    format!(
-                        "secret properties must not be in the config file; set {KAFKA_ENV_PREFIX}{}",
-                        k.to_ascii_uppercase().replace('.', "_")
-                    ),
-                ));
-            }
-        }
-        if let Some(ct) = &self.kafka.create_topics {
-            if ct.partitions < 1 {
-                return Err(invalid(
-                    "kafka.create_topics.partitions",
-                    "must be at least 1",
-                ));
+            (None, Some(n)) => n.validate()?,
+            (Some(kafka), None) => {
+                if kafka.bootstrap_servers.is_empty() {
+                    return Err(invalid("kafka.bootstrap_servers", "must not be empty"));
+                }
+                match (&kafka.bad_row_policy, &kafka.dead_letter_topic) {
+                    (BadRowPolicy::DeadLetter, None) => {
+                        return Err(invalid(
+                            "kafka.dead_letter_topic",
+                            "required with bad_row_policy = \"dead_letter\"",
+                        ))
+                    }
+                    (_, Some(t)) => crate::outbox::validate_topic_name(t)
+                        .map_err(|m| invalid("kafka.dead_letter_topic", m))?,
+                    _ => {}
+                }
+                for k in kafka.properties.keys() {
+                    if is_secret_property(k) {
+                        return Err(invalid(
+                        format!("kafka.properties.{k}"),
+                        format!(
+                            "secret properties must not be in the config file; set {KAFKA_ENV_PREFIX}{}",
+                            k.to_ascii_uppercase().replace('.', "_")
+                        ),
+                    ));
+                    }
+                }
+                if let Some(ct) = &kafka.create_topics {
+                    if ct.partitions < 1 {
+                        return Err(invalid(
+                            "kafka.create_topics.partitions",
+                            "must be at least 1",
+                        ));
+                    }
+                }
             }
         }
         if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
@@ -724,6 +819,72 @@ fn url_has_password(url: &str) -> bool {
         .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
+impl NatsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.url.trim().is_empty() {
+            return Err(invalid("nats.url", "must not be empty"));
+        }
+        if self.stream.is_empty() || self.stream.contains(['.', ' ', '*', '>']) {
+            return Err(invalid(
+                "nats.stream",
+                "must be a stream name: no spaces, '.', '*' or '>'",
+            ));
+        }
+        if let Some(c) = &self.create_stream {
+            if c.subjects.is_empty() {
+                return Err(invalid("nats.create_stream.subjects", "must not be empty"));
+            }
+        }
+        match (&self.bad_row_policy, &self.dead_letter_subject) {
+            (BadRowPolicy::DeadLetter, None) => {
+                return Err(invalid(
+                    "nats.dead_letter_subject",
+                    "required with bad_row_policy = \"dead_letter\"",
+                ))
+            }
+            (_, Some(s)) if s.is_empty() || s.contains([' ', '*', '>']) => {
+                return Err(invalid(
+                    "nats.dead_letter_subject",
+                    "must be a subject without spaces or wildcards",
+                ))
+            }
+            _ => {}
+        }
+        if self.password.is_some() && self.user.is_none() {
+            return Err(invalid(
+                "nats.user",
+                "required with OUTBOX_RELAY_NATS_PASSWORD",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The sink's bad-row policy and dead-letter topic or subject.
+    pub fn bad_rows(&self) -> (BadRowPolicy, Option<&str>) {
+        match (&self.kafka, &self.nats) {
+            (Some(k), _) => (k.bad_row_policy, k.dead_letter_topic.as_deref()),
+            (None, Some(n)) => (n.bad_row_policy, n.dead_letter_subject.as_deref()),
+            (None, None) => (BadRowPolicy::Stop, None),
+        }
+    }
+
+    /// The largest record the sink takes: Kafka's `message.max.bytes`
+    /// (librdkafka's default otherwise), NATS' `max_payload`.
+    pub fn max_message_bytes(&self) -> usize {
+        match (&self.kafka, &self.nats) {
+            (Some(k), _) => k
+                .properties
+                .get("message.max.bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000),
+            (None, Some(n)) => n.max_payload,
+            (None, None) => 1_000_000,
+        }
+    }
+}
+
 fn secret_from(
     field: &str,
     env: Option<String>,
@@ -775,7 +936,7 @@ url = "redis://127.0.0.1:6379/0"
         assert_eq!(c.outboxes[0].table, "outbox");
         assert_eq!(c.outboxes[0].topic, "outbox.event.{aggregate_type}");
         assert_eq!(c.outboxes[0].columns, Columns::default());
-        assert_eq!(c.kafka.bad_row_policy, BadRowPolicy::Stop);
+        assert_eq!(c.bad_rows().0, BadRowPolicy::Stop);
         assert_eq!(c.redis.checkpoint_interval, Duration::from_millis(500));
         assert_eq!(c.mysql.heartbeat, Duration::from_secs(5));
         // Stable default server id, not the server's own small ids.
@@ -890,7 +1051,10 @@ url = "redis://127.0.0.1:6379/0"
         ];
         let c = Config::from_toml(MINIMAL, Path::new("r.toml"), &env).unwrap();
         assert_eq!(c.mysql.password.expose(), "s3cr3t");
-        assert_eq!(c.kafka.secret_properties["sasl.password"].expose(), "k4fk4");
+        assert_eq!(
+            c.kafka.as_ref().unwrap().secret_properties["sasl.password"].expose(),
+            "k4fk4"
+        );
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cr3t") && !dbg.contains("k4fk4"), "{dbg}");
 

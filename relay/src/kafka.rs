@@ -1,5 +1,5 @@
 //! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
-//! record out), backpressure on a full queue, dead-letter records, topic creation.
+//! record out), backpressure on a full queue, topic creation.
 
 use std::time::Duration;
 
@@ -8,27 +8,19 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
-use crate::outbox::{header, BadRow, Headers, Record};
+use crate::outbox::Record;
+use crate::sink::{BoxFuture, DeliveryError, Sent, Sink, SinkError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("kafka config: {0}")]
-    Config(String),
-    /// The producer refused the record for good (too large for the client...).
-    #[error("kafka refused record {id}: {message}")]
-    Rejected { id: String, message: String },
-    #[error("kafka: {0}")]
-    Failed(String),
-    /// The broker did not answer: retried.
-    #[error("kafka: {0}")]
-    Unavailable(String),
-    /// The producer stopped for good after a failed delivery (the gapless
-    /// guarantee): the stream restarts with a new one.
-    #[error("kafka producer failed: {0}")]
-    ProducerFailed(String),
+const SINK: &str = "kafka";
+
+fn config_error(message: impl ToString) -> SinkError {
+    SinkError::Config {
+        sink: SINK,
+        message: message.to_string(),
+    }
 }
 
 /// Properties the relay sets; the guarantee-critical ones cannot be overridden.
@@ -62,7 +54,7 @@ pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
         if let Some((_, want)) = PINNED.iter().find(|(p, _)| p == k) {
             let ok = v == want || (*k == "acks" && (v == "-1"));
             if !ok {
-                return Err(SinkError::Config(format!(
+                return Err(config_error(format!(
                     "kafka.properties.{k} = {v} would break the relay's guarantees (it needs {want})"
                 )));
             }
@@ -101,30 +93,21 @@ impl ClientContext for RelayContext {
     }
 }
 
-/// Producer wrapper.
+/// The Kafka sink: one idempotent producer per session.
 #[derive(Clone)]
-pub struct Sink {
+pub struct KafkaSink {
     producer: FutureProducer<RelayContext>,
 }
 
-/// What `send` hands back: the delivery to await, or a record the producer
-/// refused up front (too large), which is a bad row.
-pub enum Sent {
-    Queued(DeliveryFuture),
-    Refused(String),
-}
-
-impl Sink {
-    pub fn new(cfg: &KafkaConfig) -> Result<Sink, SinkError> {
+impl KafkaSink {
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
         let producer: FutureProducer<RelayContext> = client_config(cfg)?
             .create_with_context(RelayContext)
-            .map_err(|e| SinkError::Config(e.to_string()))?;
-        Ok(Sink { producer })
+            .map_err(config_error)?;
+        Ok(KafkaSink { producer })
     }
 
-    /// Queues a record. A full producer queue waits (backpressure) instead of
-    /// dropping; only a refusal of this very record comes back as `Refused`.
-    pub async fn send(&self, rec: &Record) -> Result<Sent, SinkError> {
+    async fn queue(&self, rec: &Record) -> Result<Sent, SinkError> {
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
         for (k, v) in &rec.headers {
             headers = headers.insert(Header {
@@ -141,7 +124,7 @@ impl Sink {
         let mut wait = Duration::from_millis(1);
         loop {
             match self.producer.send_result(fr) {
-                Ok(f) => return Ok(Sent::Queued(f)),
+                Ok(f) => return Ok(Sent::Queued(Box::pin(delivery(f)))),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
                     tokio::time::sleep(wait).await;
@@ -154,10 +137,14 @@ impl Sink {
                     )))
                 }
                 Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), _)) => {
-                    return Err(SinkError::ProducerFailed(e.to_string()))
+                    return Err(SinkError::SessionFailed {
+                        sink: SINK,
+                        message: e.to_string(),
+                    })
                 }
                 Err((e, _)) => {
                     return Err(SinkError::Rejected {
+                        sink: SINK,
                         id: rec.id.clone(),
                         message: e.to_string(),
                     })
@@ -165,27 +152,33 @@ impl Sink {
             }
         }
     }
+}
 
-    /// Waits (off the async runtime) until every queued record is delivered
-    /// or `timeout` passes.
-    pub async fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        let p = self.producer.clone();
-        tokio::task::spawn_blocking(move || p.flush(timeout))
-            .await
-            .map_err(|e| SinkError::Failed(e.to_string()))?
-            .map_err(|e| SinkError::Failed(e.to_string()))
-    }
-
-    /// Records still in the producer's queue.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+impl Sink for KafkaSink {
+    fn send<'a>(
+        &'a self,
+        _table: &'a str,
+        rec: &'a Record,
+    ) -> BoxFuture<'a, Result<Sent, SinkError>> {
+        Box::pin(self.queue(rec))
     }
 }
 
-/// Delivery failures that sending again cannot fix: the record itself, the
-/// topic, or the relay's rights. Any other failure (a broker shutting down
-/// under a request, a producer fenced or reset) is retried by restarting the
-/// stream at the last acknowledged commit with a new producer.
+/// A librdkafka delivery as the pipeline awaits it.
+async fn delivery(f: DeliveryFuture) -> Result<(), DeliveryError> {
+    match f.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(DeliveryError {
+            definite: is_definite(&e),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(DeliveryError {
+            message: "the producer was dropped".into(),
+            definite: false,
+        }),
+    }
+}
+
 pub fn is_definite(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
@@ -215,53 +208,13 @@ pub fn is_definite(e: &KafkaError) -> bool {
 /// the reason and the source position in headers. A payload that would make
 /// the record larger than `max_bytes` is left out (header
 /// `outbox.payload_omitted` gives its size); the row stays in the outbox table.
-pub fn dead_letter(
-    topic: &str,
-    bad: &BadRow,
-    table: &str,
-    at: &str,
-    gtid: Option<&str>,
-    epoch: &str,
-    max_bytes: usize,
-) -> Record {
-    let mut headers: Headers = vec![
-        (header::ERROR.into(), bad.reason.clone().into_bytes()),
-        (header::TABLE.into(), table.as_bytes().to_vec()),
-        (header::BINLOG.into(), at.as_bytes().to_vec()),
-        (header::EPOCH.into(), epoch.as_bytes().to_vec()),
-    ];
-    if let Some(id) = &bad.id {
-        headers.push((header::ID.into(), id.clone().into_bytes()));
-    }
-    if let Some(g) = gtid {
-        headers.push((header::GTID.into(), g.as_bytes().to_vec()));
-    }
-    let mut rec = Record {
-        topic: topic.to_owned(),
-        key: bad.key.clone().unwrap_or_default(),
-        value: bad.value.clone(),
-        headers,
-        id: bad.id.clone().unwrap_or_default(),
-    };
-    if rec.size() > max_bytes {
-        let size = rec.value.take().map_or(0, |v| v.len());
-        rec.headers.push((
-            header::PAYLOAD_OMITTED.into(),
-            size.to_string().into_bytes(),
-        ));
-    }
-    rec
-}
-
-/// Creates the topics that do not exist yet (local use).
 pub async fn create_topics(
     cfg: &KafkaConfig,
     topics: &[String],
     partitions: i32,
 ) -> Result<(), SinkError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(cfg)?
-        .create()
-        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cfg)?.create().map_err(config_error)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
@@ -270,11 +223,19 @@ pub async fn create_topics(
     let results = admin
         .create_topics(&new, &opts)
         .await
-        .map_err(|e| SinkError::Unavailable(format!("creating topics: {e}")))?;
+        .map_err(|e| SinkError::Unavailable {
+            sink: SINK,
+            message: format!("creating topics: {e}"),
+        })?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(SinkError::Failed(format!("creating topic {t}: {code}"))),
+            Err((t, code)) => {
+                return Err(SinkError::Failed {
+                    sink: SINK,
+                    message: format!("creating topic {t}: {code}"),
+                })
+            }
         }
     }
     Ok(())
@@ -354,51 +315,5 @@ mod tests {
             .to_string();
         assert!(e.contains("enable.idempotence"), "{e}");
         assert!(client_config(&kcfg(&[("acks", "-1")])).is_ok());
-    }
-
-    #[test]
-    fn dead_letter_record_carries_reason_and_position() {
-        let bad = BadRow {
-            reason: "aggregate id (the record key) is NULL".into(),
-            id: Some("7".into()),
-            key: None,
-            value: Some(b"{}".to_vec()),
-        };
-        let r = dead_letter(
-            "dlq",
-            &bad,
-            "shop.outbox",
-            "mysql-bin.000001:99",
-            Some("0-1-5"),
-            "2",
-            1000,
-        );
-        assert_eq!(r.topic, "dlq");
-        let h = |k: &str| {
-            r.headers
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-        };
-        assert_eq!(h("outbox.error").unwrap(), bad.reason.as_bytes());
-        assert_eq!(h("id").unwrap(), b"7");
-        assert_eq!(h("outbox.table").unwrap(), b"shop.outbox");
-        assert_eq!(h("outbox.binlog").unwrap(), b"mysql-bin.000001:99");
-        assert_eq!(h("outbox.gtid").unwrap(), b"0-1-5");
-        assert_eq!(r.value.as_deref(), Some(&b"{}"[..]));
-
-        let big = BadRow {
-            value: Some(vec![b'x'; 5000]),
-            ..bad
-        };
-        let r = dead_letter("dlq", &big, "shop.outbox", "f:4", None, "2", 1000);
-        assert_eq!(r.value, None);
-        assert_eq!(
-            r.headers
-                .iter()
-                .find(|(n, _)| n == "outbox.payload_omitted")
-                .map(|(_, v)| v.as_slice()),
-            Some(&b"5000"[..])
-        );
     }
 }

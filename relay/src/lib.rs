@@ -19,12 +19,16 @@ pub mod keys;
 #[cfg(feature = "relay")]
 pub mod metrics;
 #[cfg(feature = "relay")]
+pub mod nats;
+#[cfg(feature = "relay")]
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod pipeline;
 pub mod position;
 #[cfg(feature = "relay")]
 mod rows;
+#[cfg(feature = "relay")]
+pub mod sink;
 #[cfg(feature = "relay")]
 pub mod status;
 #[cfg(feature = "relay")]

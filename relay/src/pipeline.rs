@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::DeliveryFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -22,10 +21,11 @@ use crate::checkpoint::{now_ms, CheckpointError, CheckpointStore};
 use crate::config::{BadRowPolicy, Config, ElectionMode};
 use crate::election::redis_lock::RedisLock;
 use crate::election::{process_identity, Backend, Elector, Leadership, LeaseLock};
-use crate::kafka::{self, Sent, Sink, SinkError};
+use crate::kafka;
 use crate::metrics::{label, Metrics};
 use crate::outbox::{BadRow, Record};
 use crate::position::Position;
+use crate::sink::{self, Delivery, Sent, SinkError};
 use crate::status::{Progress, Role};
 
 /// Why the relay stopped. Every variant is definite: transient failures are
@@ -41,7 +41,8 @@ pub enum RelayError {
     #[error(
         "bad outbox row id={id} in {table} at {at}{gtid}: {reason}. The relay stopped before it \
          (bad_row_policy = \"stop\"); the checkpoint stays before its transaction. To get past it, \
-         set kafka.bad_row_policy = \"dead_letter\" with a kafka.dead_letter_topic"
+         set bad_row_policy = \"dead_letter\" with a dead_letter_topic ([kafka]) or \
+         dead_letter_subject ([nats])"
     )]
     BadRow {
         id: String,
@@ -57,27 +58,27 @@ pub enum RelayError {
     LostLeadership { epoch: u64 },
     #[error("leader election: {0}")]
     Election(String),
-    #[error("kafka did not acknowledge record id={id} for topic {topic}: {message}")]
+    #[error("the broker did not acknowledge record id={id} for {topic}: {message}")]
     Delivery {
         id: String,
         topic: String,
         message: String,
-        /// Sending again may succeed (see `kafka::is_definite`): the term
+        /// Sending again may succeed (`DeliveryError::definite`): the term
         /// restarts its stream instead of stopping.
         transient: bool,
     },
 }
 
 impl RelayError {
-    /// A Kafka failure that a new producer, resuming at the last
-    /// acknowledged commit, may get past.
+    /// A sink failure that a new session (producer, connection), resuming
+    /// at the last acknowledged commit, may get past.
     fn restarts_stream(&self) -> bool {
         matches!(
             self,
             RelayError::Delivery {
                 transient: true,
                 ..
-            } | RelayError::Sink(SinkError::ProducerFailed(_))
+            } | RelayError::Sink(SinkError::SessionFailed { .. })
         )
     }
 }
@@ -95,7 +96,7 @@ pub struct Health {
 
 enum Inflight {
     Delivery {
-        fut: DeliveryFuture,
+        fut: Delivery,
         table: Arc<str>,
         topic: String,
         id: String,
@@ -179,9 +180,13 @@ async fn run_relay(
     metrics.is_leader.set(1);
     metrics.epoch.set(lead.epoch() as i64);
     progress.set_leader(&leader_name(&cfg), lead.epoch());
-    if let Some(ct) = &cfg.kafka.create_topics {
+    if let Some((k, ct)) = cfg
+        .kafka
+        .as_ref()
+        .and_then(|k| Some((k, k.create_topics.as_ref()?)))
+    {
         let created = retry("create the configured topics", &shutdown, || {
-            kafka::create_topics(&cfg.kafka, &ct.topics, ct.partitions)
+            kafka::create_topics(k, &ct.topics, ct.partitions)
         })
         .await;
         match created {
@@ -334,7 +339,9 @@ async fn lead_term(
     drop(conn);
     progress.set_position(&start);
 
-    let sink = Sink::new(&cfg.kafka)?;
+    let Some(sink) = retry("connect to the sink", shutdown, || sink::connect(cfg)).await? else {
+        return Ok(());
+    };
     let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
     let shutdown = shutdown.clone();
     let metrics = metrics.clone();
@@ -355,7 +362,7 @@ async fn lead_term(
         .takeover_seconds
         .set(lead.acquired().elapsed().as_secs_f64());
     let epoch_text = epoch.to_string();
-    let max_bytes = binlog::max_message_bytes(cfg);
+    let max_bytes = cfg.max_message_bytes();
 
     let mut result: Result<(), RelayError> = Ok(());
     let mut acker_done = None;
@@ -416,7 +423,7 @@ async fn lead_term(
             } => {
                 open_rows += 1;
                 let outcome = match row {
-                    Ok(rec) => match sink.send(&rec).await {
+                    Ok(rec) => match sink.send(&table, &rec).await {
                         Ok(Sent::Queued(fut)) => Ok(delivery(fut, table.clone(), rec, false)),
                         Ok(Sent::Refused(reason)) => Err(BadRow {
                             reason,
@@ -438,10 +445,10 @@ async fn lead_term(
                             .errors
                             .get_or_create(&label("kind", "bad_row"))
                             .inc();
-                        match (cfg.kafka.bad_row_policy, &cfg.kafka.dead_letter_topic) {
+                        match cfg.bad_rows() {
                             (BadRowPolicy::DeadLetter, Some(dlq)) => {
                                 warn!(id = bad.id.as_deref().unwrap_or("?"), table = %table, at = %at, reason = %bad.reason, topic = %dlq, "bad outbox row sent to the dead-letter topic");
-                                let rec = kafka::dead_letter(
+                                let rec = sink::dead_letter(
                                     dlq,
                                     &bad,
                                     &table,
@@ -450,7 +457,7 @@ async fn lead_term(
                                     &epoch_text,
                                     max_bytes,
                                 );
-                                match sink.send(&rec).await {
+                                match sink.send(&table, &rec).await {
                                     Ok(Sent::Queued(fut)) => delivery(fut, table, rec, true),
                                     Ok(Sent::Refused(reason)) => {
                                         // Even the reason-only record is too big: give up clearly.
@@ -500,15 +507,16 @@ async fn lead_term(
         if e.is_cancelled() {
             Err(RelayError::LostLeadership { epoch })
         } else {
-            Err(RelayError::Sink(SinkError::Failed(format!(
-                "acknowledgement task failed: {e}"
-            ))))
+            Err(RelayError::Sink(SinkError::Failed {
+                sink: "sink",
+                message: format!("acknowledgement task failed: {e}"),
+            }))
         }
     });
     // Report the first cause: a reader error explains an acker that stopped,
     // except a producer that failed after a delivery: the acker knows which.
     match (result, acked) {
-        (Err(RelayError::Sink(SinkError::ProducerFailed(_))), Err(delivery)) => Err(delivery),
+        (Err(RelayError::Sink(SinkError::SessionFailed { .. })), Err(delivery)) => Err(delivery),
         (result, acked) => result.and(acked),
     }
 }
@@ -529,7 +537,7 @@ fn bad_row_error(
     }
 }
 
-fn delivery(fut: DeliveryFuture, table: Arc<str>, rec: Record, dead_letter: bool) -> Inflight {
+fn delivery(fut: Delivery, table: Arc<str>, rec: Record, dead_letter: bool) -> Inflight {
     Inflight::Delivery {
         fut,
         table,
@@ -566,7 +574,7 @@ async fn ack_loop(
                 None => break,
                 Some(Inflight::Delivery { fut, table, topic, id, bytes, dead_letter, read_at }) => {
                     match fut.await {
-                        Ok(Ok(_)) => {
+                        Ok(()) => {
                             metrics.ack_latency.observe(read_at.elapsed().as_secs_f64());
                             if dead_letter {
                                 *dead.entry(table).or_default() += 1;
@@ -576,8 +584,8 @@ async fn ack_loop(
                                 c.1 += bytes;
                             }
                         }
-                        Ok(Err((e, _))) => {
-                            metrics.errors.get_or_create(&label("kind", "kafka")).inc();
+                        Err(e) => {
+                            metrics.errors.get_or_create(&label("kind", "sink")).inc();
                             // Everything before the last commit marker is
                             // acknowledged: store it, so what follows is all
                             // that is sent again.
@@ -586,11 +594,7 @@ async fn ack_loop(
                                     warn!(error = %w, "cannot store the last acknowledged commit");
                                 }
                             }
-                            let transient = !kafka::is_definite(&e);
-                            return Err(RelayError::Delivery { id, topic, message: e.to_string(), transient });
-                        }
-                        Err(_) => {
-                            return Err(RelayError::Delivery { id, topic, message: "the producer was dropped".into(), transient: false });
+                            return Err(RelayError::Delivery { id, topic, message: e.message, transient: !e.definite });
                         }
                     }
                 }
@@ -720,7 +724,7 @@ impl Transient for SourceError {
 
 impl Transient for SinkError {
     fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Unavailable(_))
+        matches!(self, SinkError::Unavailable { .. })
     }
 }
 
@@ -772,10 +776,15 @@ mod tests {
             transient,
         };
         assert!(delivery(true).restarts_stream());
-        assert!(RelayError::Sink(SinkError::ProducerFailed("fatal".into())).restarts_stream());
+        assert!(RelayError::Sink(SinkError::SessionFailed {
+            sink: "kafka",
+            message: "fatal".into()
+        })
+        .restarts_stream());
         // A record refused for good, or anything else, stops the relay.
         assert!(!delivery(false).restarts_stream());
         assert!(!RelayError::Sink(SinkError::Rejected {
+            sink: "kafka",
             id: "7".into(),
             message: "unknown topic".into()
         })

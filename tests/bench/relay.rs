@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 use outbox_relay::binlog::{self, SourceEvent};
 use outbox_relay::config::Config;
-use outbox_relay::kafka::{Sent, Sink};
+use outbox_relay::kafka::KafkaSink;
 use outbox_relay::metrics::Metrics;
 use outbox_relay::outbox::Record;
 use outbox_relay::position::StartFrom;
+use outbox_relay::sink::{Sent, Sink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 
@@ -183,18 +184,18 @@ async fn drain_once(rows: usize) -> Drain {
     // a topic of their own.
     let topic = format!("{}.produce", f.db.name);
     create_topics(std::slice::from_ref(&topic), 3).await;
-    let sink = Sink::new(&cfg.kafka).expect("producer");
+    let sink = KafkaSink::new(cfg.kafka.as_ref().expect("[kafka]")).expect("producer");
     let t = Instant::now();
     let mut acks = Vec::with_capacity(rows);
     for mut r in records {
         r.topic.clone_from(&topic);
-        match sink.send(&r).await.expect("send") {
+        match sink.send("bench", &r).await.expect("send") {
             Sent::Queued(fut) => acks.push(fut),
             Sent::Refused(e) => panic!("refused: {e}"),
         }
     }
     for a in acks {
-        a.await.expect("delivery").expect("acknowledged");
+        a.await.expect("acknowledged");
     }
     let produce_eps = rows as f64 / t.elapsed().as_secs_f64();
     drop(sink);
@@ -469,7 +470,7 @@ async fn produce_latency(rate: u64, secs: u64, db_load: bool) -> Vec<Duration> {
         &[("OUTBOX_RELAY_MYSQL_PASSWORD".into(), RELAY_PASSWORD.into())],
     )
     .expect("config");
-    let sink = Arc::new(Sink::new(&cfg.kafka).expect("producer"));
+    let sink = Arc::new(KafkaSink::new(cfg.kafka.as_ref().expect("[kafka]")).expect("producer"));
     let load = db_load.then(|| {
         let pool = f.db.pool.clone();
         tokio::spawn(async move {
@@ -496,8 +497,8 @@ async fn produce_latency(rate: u64, secs: u64, db_load: bool) -> Vec<Duration> {
         headers: Default::default(),
         id: "0".into(),
     };
-    if let Sent::Queued(fut) = sink.send(&warm_up).await.expect("send") {
-        fut.await.expect("delivery").expect("warm-up acknowledged");
+    if let Sent::Queued(fut) = sink.send("bench", &warm_up).await.expect("send") {
+        fut.await.expect("warm-up acknowledged");
     }
     let t0 = Instant::now();
     let mut acks = Vec::new();
@@ -511,9 +512,9 @@ async fn produce_latency(rate: u64, secs: u64, db_load: bool) -> Vec<Duration> {
             id: i.to_string(),
         };
         let sent = Instant::now();
-        if let Sent::Queued(fut) = sink.send(&rec).await.expect("send") {
+        if let Sent::Queued(fut) = sink.send("bench", &rec).await.expect("send") {
             acks.push(tokio::spawn(async move {
-                fut.await.ok()?.ok()?;
+                fut.await.ok()?;
                 Some(sent.elapsed())
             }));
         }

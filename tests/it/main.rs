@@ -7,6 +7,7 @@ mod faults;
 mod journey;
 mod kube;
 mod kubelet;
+mod nats;
 mod operator;
 mod outages;
 mod relay;
