@@ -6,6 +6,8 @@
 //!   checkpoint at the head; beside it the same records read and decoded
 //!   without producing (read-only, in-process `Source`) and produced by the
 //!   relay's `Sink` with its producer settings (produce-only).
+//! - NATS drain: the same rows drained by the relay to NATS JetStream (a
+//!   private `nats-server -js`, file storage), same method.
 //! - latency: steady single-row transactions; commit (client saw COMMIT
 //!   return) → record read back by a consumer, per record.
 //! - footprint: the relay's peak and steady RSS, CPU seconds per 100k events,
@@ -145,6 +147,40 @@ struct Drain {
     steady_rss: u64,
     idle_rss: u64,
     cpu_per_100k: f64,
+    nats_drain_eps: f64,
+    nats_peak_rss: u64,
+}
+
+/// Runs the relay (`toml`) until its checkpoint (relay `name`) reaches
+/// `head`: (events/s of `rows` from process start, peak RSS, the process).
+async fn drain_relay(
+    f: &Fixture,
+    name: &str,
+    toml: &str,
+    port: u16,
+    rows: usize,
+    head: &(String, u64),
+) -> (f64, u64, Relay) {
+    let t = Instant::now();
+    let relay = Relay::start(&f.dir.0, toml, port, &[]);
+    let pid = relay.pid();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(proc_stats(pid).0);
+        if checkpoint(name)
+            .await
+            .is_some_and(|(_, p)| (&p.file.file, p.file.pos) >= (&head.0, head.1))
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "drain did not finish: {}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (rows as f64 / t.elapsed().as_secs_f64(), peak, relay)
 }
 
 async fn drain_once(rows: usize) -> Drain {
@@ -202,33 +238,62 @@ async fn drain_once(rows: usize) -> Drain {
 
     // Drain: the relay process from start to the checkpoint at the head.
     let port = free_port();
-    let t = Instant::now();
-    let relay = Relay::start(&f.dir.0, &relay_config(&f, &start, port), port, &[]);
+    let (drain_eps, peak, relay) = drain_relay(
+        &f,
+        &f.name,
+        &relay_config(&f, &start, port),
+        port,
+        rows,
+        &head,
+    )
+    .await;
     let pid = relay.pid();
-    let mut peak = 0;
-    loop {
-        peak = peak.max(proc_stats(pid).0);
-        if checkpoint(&f.name)
-            .await
-            .is_some_and(|(_, p)| (&p.file.file, p.file.pos) >= (&head.0, head.1))
-        {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(600),
-            "drain did not finish: {}",
-            relay.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let drain_eps = rows as f64 / t.elapsed().as_secs_f64();
     let (steady_rss, cpu) = proc_stats(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (idle_rss, _) = proc_stats(pid);
     let got = relay.events().await as usize;
     assert_eq!(got, rows, "the relay acknowledged {got} of {rows}");
     drop(relay);
+
+    // The same rows to NATS JetStream: a relay of another name (its own
+    // checkpoint), its own stream on a private nats-server.
+    let nats_dir = f.dir.0.join("nats");
+    let nats_port = free_port();
+    services_sh(&[
+        "start-nats",
+        &nats_dir.to_string_lossy(),
+        &nats_port.to_string(),
+    ]);
+    let name = format!("{}-nats", f.name);
+    let port = free_port();
+    let kafka = relay_config(&f, &start, port);
+    let (until, from) = (
+        kafka.find("[kafka]").expect("[kafka]"),
+        kafka.find("[redis]").expect("[redis]"),
+    );
+    let toml = format!(
+        "{}[nats]\nurl = \"nats://127.0.0.1:{nats_port}\"\nstream = \"BENCH\"\n\
+         [nats.create_stream]\nsubjects = [\"{}.>\"]\n\n{}",
+        &kafka[..until],
+        f.db.name,
+        &kafka[from..]
+    )
+    .replace(
+        &format!("name = \"{}\"", f.name),
+        &format!("name = \"{name}\""),
+    );
+    let (nats_drain_eps, nats_peak_rss, relay) =
+        drain_relay(&f, &name, &toml, port, rows, &head).await;
+    let got = relay.events().await as usize;
+    assert_eq!(
+        got, rows,
+        "the relay acknowledged {got} of {rows} from NATS"
+    );
+    drop(relay);
+    services_sh(&["stop-dir", &nats_dir.to_string_lossy()]);
     Drain {
+        nats_drain_eps,
+        nats_peak_rss,
         drain_eps,
         read_eps,
         produce_eps,
@@ -583,11 +648,12 @@ async fn main() {
     for r in 0..plan.reps {
         let d = drain_once(plan.rows).await;
         println!(
-            "  drain {}: relay {:.0} ev/s, read-only {:.0}, produce-only {:.0}",
+            "  drain {}: relay {:.0} ev/s, read-only {:.0}, produce-only {:.0}; to NATS {:.0} ev/s",
             r + 1,
             d.drain_eps,
             d.read_eps,
-            d.produce_eps
+            d.produce_eps,
+            d.nats_drain_eps
         );
         runs.push(d);
     }
@@ -646,6 +712,16 @@ async fn main() {
         (
             "CPU s per 100k events".into(),
             col(|d| d.cpu_per_100k),
+            String::new(),
+        ),
+        (
+            "drain to NATS JetStream (events/s)".into(),
+            col(|d| d.nats_drain_eps),
+            String::new(),
+        ),
+        (
+            "peak RSS during the NATS drain (MB)".into(),
+            col(|d| mb(d.nats_peak_rss as f64)),
             String::new(),
         ),
     ];
