@@ -115,6 +115,58 @@ fn relay_config(f: &Fixture, start: &str, http_port: u16) -> String {
     )
 }
 
+/// `relay_config` with `[nats]` (the private server on `nats_port`, stream
+/// BENCH) instead of `[kafka]`, and the relay named `name`.
+fn nats_config(f: &Fixture, start: &str, http_port: u16, nats_port: u16, name: &str) -> String {
+    let kafka = relay_config(f, start, http_port);
+    let (until, from) = (
+        kafka.find("[kafka]").expect("[kafka]"),
+        kafka.find("[redis]").expect("[redis]"),
+    );
+    format!(
+        "{}[nats]\nurl = \"nats://127.0.0.1:{nats_port}\"\nstream = \"BENCH\"\n\
+         [nats.create_stream]\nsubjects = [\"{}.>\"]\n\n{}",
+        &kafka[..until],
+        f.db.name,
+        &kafka[from..]
+    )
+    .replace(
+        &format!("name = \"{}\"", f.name),
+        &format!("name = \"{name}\""),
+    )
+}
+
+/// The relay to NATS JetStream at `rate` single-row transactions/s for
+/// `secs`: its own read → ack histogram (p50, p99) and RSS, as for Kafka.
+async fn nats_latency(rate: u64, secs: u64) -> ((f64, f64), u64) {
+    let f = Fixture::new("natslat", mysql_port(), &["Order"], 1).await;
+    let nats_dir = f.dir.0.join("nats");
+    let nats_port = free_port();
+    services_sh(&[
+        "start-nats",
+        &nats_dir.to_string_lossy(),
+        &nats_port.to_string(),
+    ]);
+    let (file, pos) = f.db.head().await;
+    let port = free_port();
+    let toml = nats_config(&f, &format!("file:{file}:{pos}"), port, nats_port, &f.name);
+    let mut relay = Relay::start(&f.dir.0, &toml, port, &[]);
+    relay.wait_ready().await;
+    f.db.insert_txn(&[Ev::new("Order", "warm-up", "{}")]).await;
+    relay.wait_events(1).await;
+    write_steady(&f.db.pool, rate, secs).await;
+    relay.wait_events(rate * secs + 1).await;
+    let m = http_get(relay.http_port, "/metrics")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    let own = (bucket_quantile(&m, 0.5), bucket_quantile(&m, 0.99));
+    let (rss, _) = proc_stats(relay.pid());
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    services_sh(&["stop-dir", &nats_dir.to_string_lossy()]);
+    (own, rss)
+}
+
 /// /proc/<pid>: (RSS bytes, CPU seconds).
 fn proc_stats(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -266,22 +318,7 @@ async fn drain_once(rows: usize) -> Drain {
     ]);
     let name = format!("{}-nats", f.name);
     let port = free_port();
-    let kafka = relay_config(&f, &start, port);
-    let (until, from) = (
-        kafka.find("[kafka]").expect("[kafka]"),
-        kafka.find("[redis]").expect("[redis]"),
-    );
-    let toml = format!(
-        "{}[nats]\nurl = \"nats://127.0.0.1:{nats_port}\"\nstream = \"BENCH\"\n\
-         [nats.create_stream]\nsubjects = [\"{}.>\"]\n\n{}",
-        &kafka[..until],
-        f.db.name,
-        &kafka[from..]
-    )
-    .replace(
-        &format!("name = \"{}\"", f.name),
-        &format!("name = \"{name}\""),
-    );
+    let toml = nats_config(&f, &start, port, nats_port, &name);
     let (nats_drain_eps, nats_peak_rss, relay) =
         drain_relay(&f, &name, &toml, port, rows, &head).await;
     let got = relay.events().await as usize;
@@ -663,6 +700,7 @@ async fn main() {
         read_back: lat,
         rss: lat_rss,
     } = latency(plan.latency_rate, plan.latency_secs).await;
+    let (nats_own, nats_rss) = nats_latency(plan.latency_rate, plan.latency_secs).await;
     let broker = produce_latency(plan.latency_rate, plan.latency_secs.min(10), false).await;
     let loaded = produce_latency(plan.latency_rate, plan.latency_secs.min(10), true).await;
     let bin = relay_bin();
@@ -752,6 +790,26 @@ async fn main() {
         "commit → Kafka ack p99 (ms, the two p99s added)".into(),
         one(pct(&to_binlog, 0.99) + own.1),
         "≤ 10".into(),
+    ));
+    rows.push((
+        "relay read → NATS JetStream ack p50 (ms, histogram bucket bound)".into(),
+        one(nats_own.0),
+        String::new(),
+    ));
+    rows.push((
+        "relay read → NATS JetStream ack p99 (ms, histogram bucket bound)".into(),
+        one(nats_own.1),
+        String::new(),
+    ));
+    rows.push((
+        "commit → NATS JetStream ack p99 (ms, the two p99s added)".into(),
+        one(pct(&to_binlog, 0.99) + nats_own.1),
+        String::new(),
+    ));
+    rows.push((
+        "RSS at steady load, to NATS (MB)".into(),
+        one(mb(nats_rss as f64)),
+        String::new(),
     ));
     rows.push((
         format!(
