@@ -355,6 +355,7 @@ async fn lead_term(
         metrics.clone(),
         progress.clone(),
         shutdown.clone(),
+        if cfg.nats.is_some() { "nats" } else { "kafka" },
     ));
     let mut acker = std::pin::pin!(acker);
     health.ready.store(true, Ordering::Relaxed);
@@ -551,6 +552,7 @@ fn delivery(fut: Delivery, table: Arc<str>, rec: Record, dead_letter: bool) -> I
 
 /// Awaits deliveries in queue order; at each commit marker the position is
 /// acknowledged and, at most every `interval`, written to Redis.
+#[allow(clippy::too_many_arguments)]
 async fn ack_loop(
     mut rx: mpsc::Receiver<Inflight>,
     store: CheckpointStore,
@@ -559,6 +561,7 @@ async fn ack_loop(
     metrics: Metrics,
     progress: Arc<Progress>,
     shutdown: CancellationToken,
+    sink_kind: &'static str,
 ) -> Result<(), RelayError> {
     let mut acked: Option<Position> = None;
     let mut dirty = false;
@@ -585,7 +588,7 @@ async fn ack_loop(
                             }
                         }
                         Err(e) => {
-                            metrics.errors.get_or_create(&label("kind", "sink")).inc();
+                            metrics.errors.get_or_create(&label("kind", sink_kind)).inc();
                             // Everything before the last commit marker is
                             // acknowledged: store it, so what follows is all
                             // that is sent again.
