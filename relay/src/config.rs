@@ -850,11 +850,20 @@ impl NatsConfig {
             }
             _ => {}
         }
-        if self.password.is_some() && self.user.is_none() {
-            return Err(invalid(
-                "nats.user",
-                "required with OUTBOX_RELAY_NATS_PASSWORD",
-            ));
+        match (&self.user, &self.password) {
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "nats.user",
+                    "required with OUTBOX_RELAY_NATS_PASSWORD",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "nats.user",
+                    "needs its password in OUTBOX_RELAY_NATS_PASSWORD",
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -925,6 +934,47 @@ url = "redis://127.0.0.1:6379/0"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("relay.toml"), &[])
+    }
+
+    #[test]
+    fn nats_is_the_other_sink_with_its_secrets_from_the_environment() {
+        let nats = MINIMAL.replace(
+            "[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"",
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\nstream = \"OUTBOX\"\nuser = \"relay\"",
+        );
+        let env = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        let c = Config::from_toml(
+            &nats,
+            Path::new("relay.toml"),
+            &env("OUTBOX_RELAY_NATS_PASSWORD", "pw"),
+        )
+        .unwrap();
+        let n = c.nats.as_ref().unwrap();
+        assert!(c.kafka.is_none());
+        assert_eq!(n.password.as_ref().unwrap().expose(), "pw");
+        assert_eq!(n.ack_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_message_bytes(), 1024 * 1024);
+        assert_eq!(c.bad_rows(), (BadRowPolicy::Stop, None));
+        // The password is never in the config's Debug output.
+        assert!(!format!("{c:?}").contains("\"pw\""));
+        let err = |text: &str, env: &[(String, String)]| {
+            Config::from_toml(text, Path::new("relay.toml"), env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&nats, &[]).contains("nats.user"));
+        let both = format!("{MINIMAL}\n[nats]\nurl = \"nats://n:4222\"\nstream = \"S\"\n");
+        assert!(err(&both, &[]).contains("either [kafka] or [nats], not both"));
+        let neither = MINIMAL.replace("[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"", "");
+        assert!(err(&neither, &[]).contains("kafka"));
+        let dotted = nats.replace("stream = \"OUTBOX\"", "stream = \"OUT.BOX\"");
+        assert!(err(&dotted, &env("OUTBOX_RELAY_NATS_PASSWORD", "pw")).contains("nats.stream"));
+        let dlq = nats.replace(
+            "stream = \"OUTBOX\"",
+            "stream = \"OUTBOX\"\nbad_row_policy = \"dead_letter\"",
+        );
+        assert!(err(&dlq, &env("OUTBOX_RELAY_NATS_PASSWORD", "pw"))
+            .contains("nats.dead_letter_subject"));
     }
 
     #[test]
