@@ -136,17 +136,18 @@ fn nats_config(f: &Fixture, start: &str, http_port: u16, nats_port: u16, name: &
     )
 }
 
+/// A private `nats-server -js` in the fixture's directory: (dir, port).
+fn start_nats(f: &Fixture) -> (std::path::PathBuf, u16) {
+    let (dir, port) = (f.dir.0.join("nats"), free_port());
+    services_sh(&["start-nats", &dir.to_string_lossy(), &port.to_string()]);
+    (dir, port)
+}
+
 /// The relay to NATS JetStream at `rate` single-row transactions/s for
 /// `secs`: its own read → ack histogram (p50, p99) and RSS, as for Kafka.
 async fn nats_latency(rate: u64, secs: u64) -> ((f64, f64), u64) {
     let f = Fixture::new("natslat", mysql_port(), &["Order"], 1).await;
-    let nats_dir = f.dir.0.join("nats");
-    let nats_port = free_port();
-    services_sh(&[
-        "start-nats",
-        &nats_dir.to_string_lossy(),
-        &nats_port.to_string(),
-    ]);
+    let (nats_dir, nats_port) = start_nats(&f);
     let (file, pos) = f.db.head().await;
     let port = free_port();
     let toml = nats_config(&f, &format!("file:{file}:{pos}"), port, nats_port, &f.name);
@@ -311,13 +312,7 @@ async fn drain_once(rows: usize) -> Drain {
 
     // The same rows to NATS JetStream: a relay of another name (its own
     // checkpoint), its own stream on a private nats-server.
-    let nats_dir = f.dir.0.join("nats");
-    let nats_port = free_port();
-    services_sh(&[
-        "start-nats",
-        &nats_dir.to_string_lossy(),
-        &nats_port.to_string(),
-    ]);
+    let (nats_dir, nats_port) = start_nats(&f);
     let name = format!("{}-nats", f.name);
     let port = free_port();
     let toml = nats_config(&f, &start, port, nats_port, &name);

@@ -98,6 +98,18 @@ impl Stage {
         Api::namespaced(self.client.clone(), &self.ns.name)
     }
 
+    /// Whether `name` is gone (None: the API server did not answer).
+    async fn absent<K>(&self, name: &str) -> Option<bool>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Some(self.api::<K>().get_opt(name).await.ok()?.is_none())
+    }
+
     /// The README's install step: `helm install` the chart, watching this
     /// namespace, and wait for the operator pods to be Ready (`--wait`:
     /// the kubelet reports their readiness probes).
@@ -397,42 +409,12 @@ async fn the_user_journey_on_a_real_cluster() {
         || async {
             let gone = relays.get_opt("orders").await.ok()?.is_none()
                 && deployments.get_opt("orders-relay").await.ok()?.is_none()
-                && stage
-                    .api::<ConfigMap>()
-                    .get_opt("orders-relay")
-                    .await
-                    .ok()?
-                    .is_none()
-                && stage
-                    .api::<ServiceAccount>()
-                    .get_opt("orders-relay")
-                    .await
-                    .ok()?
-                    .is_none()
-                && stage
-                    .api::<Role>()
-                    .get_opt("orders-relay")
-                    .await
-                    .ok()?
-                    .is_none()
-                && stage
-                    .api::<RoleBinding>()
-                    .get_opt("orders-relay")
-                    .await
-                    .ok()?
-                    .is_none()
-                && stage
-                    .api::<Service>()
-                    .get_opt("orders-relay")
-                    .await
-                    .ok()?
-                    .is_none()
-                && stage
-                    .api::<Lease>()
-                    .get_opt("orders-relay-leader")
-                    .await
-                    .ok()?
-                    .is_none();
+                && stage.absent::<ConfigMap>("orders-relay").await?
+                && stage.absent::<ServiceAccount>("orders-relay").await?
+                && stage.absent::<Role>("orders-relay").await?
+                && stage.absent::<RoleBinding>("orders-relay").await?
+                && stage.absent::<Service>("orders-relay").await?
+                && stage.absent::<Lease>("orders-relay-leader").await?;
             gone.then_some(())
         },
     )

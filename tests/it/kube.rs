@@ -820,6 +820,22 @@ async fn helm_install_gitops_and_uninstall_on_a_real_cluster() {
         .output();
 }
 
+/// The current context's cluster of `KUBECONFIG` (its name, server and CA).
+pub(crate) fn current_cluster() -> kube::config::NamedCluster {
+    let config = kube::config::Kubeconfig::read().expect("read KUBECONFIG");
+    let context = config
+        .contexts
+        .iter()
+        .find(|c| Some(&c.name) == config.current_context.as_ref())
+        .and_then(|c| c.context.clone())
+        .expect("KUBECONFIG's current context");
+    config
+        .clusters
+        .into_iter()
+        .find(|c| c.name == context.cluster)
+        .expect("KUBECONFIG's current cluster")
+}
+
 /// A kubeconfig for `sa` in `ns` with a token from the TokenRequest API, for
 /// the cluster of `KUBECONFIG`: a process given it acts with exactly the
 /// RBAC granted to that ServiceAccount, as in a pod.
@@ -836,18 +852,7 @@ async fn service_account_kubeconfig(client: &Client, ns: &str, sa: &str, file: &
         .status
         .expect("token status")
         .token;
-    let admin = kube::config::Kubeconfig::read().expect("read KUBECONFIG");
-    let context = admin
-        .contexts
-        .iter()
-        .find(|c| Some(&c.name) == admin.current_context.as_ref())
-        .and_then(|c| c.context.clone())
-        .expect("KUBECONFIG's current context");
-    let cluster = admin
-        .clusters
-        .iter()
-        .find(|c| c.name == context.cluster)
-        .expect("KUBECONFIG's current cluster");
+    let cluster = current_cluster();
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",

@@ -285,18 +285,8 @@ fn signal(sig: &str, target: &str) {
 
 /// The API server of `KUBECONFIG`: (host, port) and its CA (PEM).
 fn api_server() -> ((String, u16), String) {
-    let config = kube::config::Kubeconfig::read().expect("read KUBECONFIG");
-    let context = config
-        .contexts
-        .iter()
-        .find(|c| Some(&c.name) == config.current_context.as_ref())
-        .and_then(|c| c.context.clone())
-        .expect("KUBECONFIG's current context");
-    let cluster = config
-        .clusters
-        .iter()
-        .find(|c| c.name == context.cluster)
-        .and_then(|c| c.cluster.clone())
+    let cluster = crate::kube::current_cluster()
+        .cluster
         .expect("KUBECONFIG's current cluster");
     let server: http::Uri = cluster
         .server
