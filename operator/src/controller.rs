@@ -950,25 +950,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Does the relay reference Secret `name`?
+/// Does the relay reference Secret `name`? (A relay that does not validate
+/// waits for its own change, not for a Secret's.)
 fn references(r: &OutboxRelay, name: &str) -> bool {
-    let s = &r.spec;
-    s.mysql.password_secret.name == name
-        || s.mysql
-            .tls
-            .as_ref()
-            .and_then(|t| t.ca_secret.as_ref())
-            .is_some_and(|c| c.name == name)
-        || s.redis
-            .password_secret
-            .as_ref()
-            .is_some_and(|p| p.name == name)
-        || s.redis.ca_secret.as_ref().is_some_and(|c| c.name == name)
-        || s.kafka
-            .secret_properties
-            .iter()
-            .flatten()
-            .any(|(_, r)| r.name == name)
+    crate::validate::validate(r).is_ok_and(|v| v.secrets.iter().any(|(_, k)| k.name == name))
 }
 
 #[cfg(test)]

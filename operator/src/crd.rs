@@ -10,8 +10,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An outbox relay: relay pods that stream the committed rows of MySQL outbox
-/// tables from the binlog to Kafka, one elected leader at a time, with their
-/// position kept in Redis.
+/// tables from the binlog to Kafka or NATS JetStream, one elected leader at a
+/// time, with their position kept in Redis.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "outboxrelay.dev",
@@ -27,6 +27,10 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.kafka) != has(self.nats)",
+    "message": "set exactly one sink: spec.kafka or spec.nats"
+}]))]
 pub struct OutboxRelaySpec {
     /// Relay pods: one leader streams, the others wait warm to take over.
     #[serde(default = "default_replicas")]
@@ -61,8 +65,13 @@ pub struct OutboxRelaySpec {
     pub service_account_name: Option<String>,
     /// The MySQL/MariaDB server whose binlog the relay reads, and its outbox tables.
     pub mysql: MysqlSpec,
-    /// The Kafka cluster the records go to.
-    pub kafka: KafkaSpec,
+    /// The Kafka cluster the records go to (exactly one of `kafka`, `nats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSpec>,
+    /// The NATS JetStream stream the records go to (exactly one of `kafka`,
+    /// `nats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSpec>,
     /// The Redis that keeps the checkpoint (position and leadership epoch).
     pub redis: RedisSpec,
     /// Where to start when no checkpoint is stored: `latest`, `earliest`,
@@ -228,11 +237,100 @@ pub struct KafkaSpec {
     pub dead_letter_topic: Option<String>,
 }
 
+/// NATS JetStream as the sink: every record is published to `stream` on the
+/// subject its outbox's `topic` template gives, and awaits its JetStream
+/// acknowledgement before the checkpoint passes it; `Nats-Msg-Id` is the
+/// event id, so the stream's duplicate window drops replays.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.user) == has(self.passwordSecret)",
+        "message": "user and passwordSecret go together"
+    },
+    {
+        "rule": "[has(self.passwordSecret), has(self.tokenSecret), has(self.nkeySecret), has(self.credentialsSecret)].filter(x, x).size() <= 1",
+        "message": "at most one of passwordSecret, tokenSecret, nkeySecret, credentialsSecret"
+    },
+    {
+        "rule": "!has(self.badRowPolicy) || self.badRowPolicy != 'DeadLetter' || has(self.deadLetterSubject)",
+        "message": "deadLetterSubject is required with badRowPolicy: DeadLetter"
+    }
+]))]
+pub struct NatsSpec {
+    /// Server URL(s), comma-separated: `nats://host:4222`, `tls://host:4222`.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// The JetStream stream the records go to; it must exist (checked at
+    /// start) unless `createStream` is set.
+    #[schemars(regex(pattern = r"^[^.*> ]+$"))]
+    pub stream: String,
+    /// Create `stream` at start when it does not exist (file storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_stream: Option<NatsCreateStream>,
+    /// User name, with `passwordSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The user's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+    /// An authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// An NKey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_secret: Option<SecretKeyRef>,
+    /// A `.creds` file (JWT and NKey seed), mounted into the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<SecretKeyRef>,
+    /// TLS to the servers (also implied by `tls://` URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NatsTls>,
+    /// How long a publish waits for its acknowledgement before the stream
+    /// restarts at the last acknowledged commit; default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    pub ack_timeout: Option<String>,
+    /// What to do with a row that cannot become a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_row_policy: Option<BadRowPolicy>,
+    /// Subject for bad rows (in `stream`); required with `badRowPolicy: DeadLetter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_subject: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsCreateStream {
+    /// The stream's subjects, e.g. `outbox.>`.
+    #[schemars(length(min = 1))]
+    pub subjects: Vec<String>,
+    /// JetStream drops a message whose `Nats-Msg-Id` it stored within this
+    /// window (the replays after a crash); default `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub duplicate_window: Option<String>,
+    /// Stream replicas; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: Option<i32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsTls {
+    /// PEM CA that signed the servers' certificates (default: the system's
+    /// trusted roots); mounted into the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
+}
+
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum BadRowPolicy {
     /// Stop the relay naming the row (default); the position stays before it.
     Stop,
-    /// Send the row to the dead-letter topic with the reason, and continue.
+    /// Send the row to the dead-letter topic (or subject) with the reason,
+    /// and continue.
     DeadLetter,
 }
 
@@ -283,16 +381,16 @@ pub struct OutboxRelayStatus {
     /// The leading relay pod and its term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
-    /// The last position whose every record Kafka acknowledged.
+    /// The last position whose every record the sink acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<PositionStatus>,
     /// How far the leader is behind the server's binlog head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
-    /// Records acknowledged by Kafka since the leading relay process started.
+    /// Records acknowledged by the sink since the leading relay process started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<u64>,
-    /// Payload bytes acknowledged by Kafka since that process started.
+    /// Payload bytes acknowledged by the sink since that process started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
     /// RFC 3339 time of the leading relay's last report; older than two

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::crd::{BadRowPolicy, OutboxRelay, SecretKeyRef, TlsMode};
+use crate::crd::{BadRowPolicy, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, TlsMode};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("spec.{field}: {message}")]
@@ -41,6 +41,11 @@ pub enum SecretUse {
     RedisCa,
     /// A librdkafka property, e.g. `sasl.password`.
     KafkaProperty(String),
+    NatsPassword,
+    NatsToken,
+    NatsNkey,
+    NatsCredentials,
+    NatsCa,
 }
 
 /// The spec field that references the Secret key.
@@ -52,6 +57,11 @@ impl std::fmt::Display for SecretUse {
             SecretUse::RedisPassword => f.write_str("spec.redis.passwordSecret"),
             SecretUse::RedisCa => f.write_str("spec.redis.caSecret"),
             SecretUse::KafkaProperty(p) => write!(f, "spec.kafka.secretProperties.{p}"),
+            SecretUse::NatsPassword => f.write_str("spec.nats.passwordSecret"),
+            SecretUse::NatsToken => f.write_str("spec.nats.tokenSecret"),
+            SecretUse::NatsNkey => f.write_str("spec.nats.nkeySecret"),
+            SecretUse::NatsCredentials => f.write_str("spec.nats.credentialsSecret"),
+            SecretUse::NatsCa => f.write_str("spec.nats.tls.caSecret"),
         }
     }
 }
@@ -130,7 +140,35 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
         }
         secrets.push((SecretUse::RedisCa, checked_ref("redis.caSecret", ca)?));
     }
-    for (prop, r) in s.kafka.secret_properties.iter().flatten() {
+    match (&s.kafka, &s.nats) {
+        (Some(kafka), None) => kafka_secrets(kafka, &mut secrets)?,
+        (None, Some(nats)) => nats_secrets(nats, &mut secrets)?,
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "nats",
+                "set exactly one sink: spec.kafka or spec.nats, not both",
+            ))
+        }
+        (None, None) => return Err(err("kafka", "a sink is required: spec.kafka or spec.nats")),
+    }
+    Ok(ValidatedRelay {
+        server_id: s
+            .mysql
+            .server_id
+            .unwrap_or_else(|| server_id_from_uid(&uid)),
+        name,
+        namespace,
+        uid,
+        spec: s.clone(),
+        secrets,
+    })
+}
+
+fn kafka_secrets(
+    kafka: &KafkaSpec,
+    secrets: &mut Vec<(SecretUse, SecretKeyRef)>,
+) -> Result<(), ValidationError> {
+    for (prop, r) in kafka.secret_properties.iter().flatten() {
         let field = format!("kafka.secretProperties.{prop}");
         if !prop
             .chars()
@@ -144,7 +182,7 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
             checked_ref(&field, r)?,
         ));
     }
-    for k in s.kafka.properties.iter().flat_map(BTreeMap::keys) {
+    for k in kafka.properties.iter().flat_map(BTreeMap::keys) {
         if is_secret_property(k) {
             return Err(err(
                 format!("kafka.properties.{k}"),
@@ -152,25 +190,72 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
             ));
         }
     }
-    if s.kafka.bad_row_policy == Some(BadRowPolicy::DeadLetter)
-        && s.kafka.dead_letter_topic.is_none()
-    {
+    if kafka.bad_row_policy == Some(BadRowPolicy::DeadLetter) && kafka.dead_letter_topic.is_none() {
         return Err(err(
             "kafka.deadLetterTopic",
             "is required with badRowPolicy: DeadLetter",
         ));
     }
-    Ok(ValidatedRelay {
-        server_id: s
-            .mysql
-            .server_id
-            .unwrap_or_else(|| server_id_from_uid(&uid)),
-        name,
-        namespace,
-        uid,
-        spec: s.clone(),
-        secrets,
-    })
+    Ok(())
+}
+
+fn nats_secrets(
+    nats: &NatsSpec,
+    secrets: &mut Vec<(SecretUse, SecretKeyRef)>,
+) -> Result<(), ValidationError> {
+    if nats.url.trim().is_empty() {
+        return Err(err("nats.url", "must not be empty"));
+    }
+    if nats.stream.is_empty() || nats.stream.contains(['.', '*', '>', ' ']) {
+        return Err(err(
+            "nats.stream",
+            format!(
+                "{:?} is not a stream name (no '.', '*', '>' or spaces)",
+                nats.stream
+            ),
+        ));
+    }
+    if nats
+        .create_stream
+        .as_ref()
+        .is_some_and(|c| c.subjects.is_empty())
+    {
+        return Err(err("nats.createStream.subjects", "must not be empty"));
+    }
+    match (&nats.user, &nats.password_secret) {
+        (Some(_), None) => return Err(err("nats.passwordSecret", "is required with nats.user")),
+        (None, Some(_)) => return Err(err("nats.user", "is required with nats.passwordSecret")),
+        _ => {}
+    }
+    let auth = [
+        (SecretUse::NatsPassword, &nats.password_secret),
+        (SecretUse::NatsToken, &nats.token_secret),
+        (SecretUse::NatsNkey, &nats.nkey_secret),
+        (SecretUse::NatsCredentials, &nats.credentials_secret),
+    ];
+    let mut given = auth.iter().filter(|(_, r)| r.is_some());
+    if let (Some((first, _)), Some((second, _))) = (given.next(), given.next()) {
+        return Err(err(
+            second.to_string().trim_start_matches("spec.").to_owned(),
+            format!("only one way to authenticate: {first} is set too"),
+        ));
+    }
+    for (use_, r) in auth {
+        if let Some(r) = r {
+            let field = use_.to_string();
+            secrets.push((use_, checked_ref(&field["spec.".len()..], r)?));
+        }
+    }
+    if let Some(ca) = nats.tls.as_ref().and_then(|t| t.ca_secret.as_ref()) {
+        secrets.push((SecretUse::NatsCa, checked_ref("nats.tls.caSecret", ca)?));
+    }
+    if nats.bad_row_policy == Some(BadRowPolicy::DeadLetter) && nats.dead_letter_subject.is_none() {
+        return Err(err(
+            "nats.deadLetterSubject",
+            "is required with badRowPolicy: DeadLetter",
+        ));
+    }
+    Ok(())
 }
 
 /// librdkafka properties that carry secrets: they must come from a Secret,
@@ -247,6 +332,106 @@ redis:
 startFrom: earliest
 heartbeatInterval: 5s
 "#;
+
+    /// FULL with NATS (user and password, TLS CA) as its sink instead of Kafka.
+    pub(crate) fn nats_spec() -> String {
+        let start = FULL.find("kafka:\n").expect("kafka");
+        let end = FULL.find("redis:\n").expect("redis");
+        format!(
+            "{}{}{}",
+            &FULL[..start],
+            r#"nats:
+  url: tls://nats-0.nats:4222,tls://nats-1.nats:4222
+  stream: OUTBOX
+  createStream: {subjects: ["outbox.>"], duplicateWindow: 5m}
+  user: outbox
+  passwordSecret: {name: nats-relay, key: password}
+  tls: {caSecret: {name: nats-ca, key: ca.crt}}
+  badRowPolicy: DeadLetter
+  deadLetterSubject: outbox.dlq
+"#,
+            &FULL[end..]
+        )
+    }
+
+    #[test]
+    fn nats_spec_validates_with_its_secrets_listed() {
+        let v = validate(&fixture(&nats_spec())).expect("valid");
+        let uses: Vec<String> = v.secrets.iter().map(|(u, _)| u.to_string()).collect();
+        assert_eq!(
+            uses,
+            [
+                "spec.mysql.passwordSecret",
+                "spec.mysql.tls.caSecret",
+                "spec.redis.passwordSecret",
+                "spec.nats.passwordSecret",
+                "spec.nats.tls.caSecret",
+            ]
+        );
+        // A token, an NKey seed or a .creds file instead of the password.
+        for (field, use_) in [
+            ("tokenSecret", SecretUse::NatsToken),
+            ("nkeySecret", SecretUse::NatsNkey),
+            ("credentialsSecret", SecretUse::NatsCredentials),
+        ] {
+            let yaml = nats_spec().replace("  user: outbox\n", "").replace(
+                "passwordSecret: {name: nats-relay, key: password}",
+                &format!("{field}: {{name: nats-relay, key: k}}"),
+            );
+            let v = validate(&fixture(&yaml)).expect(field);
+            assert!(v.secrets.iter().any(|(u, _)| *u == use_), "{field}");
+        }
+    }
+
+    #[test]
+    fn sink_errors_name_the_field() {
+        let nats = nats_spec();
+        let cases = [
+            (
+                nats.replace("redis:\n", &format!("{}redis:\n", &FULL[FULL.find("kafka:\n").unwrap()..FULL.find("redis:\n").unwrap()])),
+                "spec.nats: set exactly one sink",
+            ),
+            (
+                FULL[..FULL.find("kafka:\n").unwrap()].to_string() + &FULL[FULL.find("redis:\n").unwrap()..],
+                "spec.kafka: a sink is required",
+            ),
+            (
+                nats.replace("  user: outbox\n", ""),
+                "spec.nats.user: is required with nats.passwordSecret",
+            ),
+            (
+                nats.replace("  passwordSecret: {name: nats-relay, key: password}\n", ""),
+                "spec.nats.passwordSecret: is required with nats.user",
+            ),
+            (
+                nats.replace(
+                    "  user: outbox\n",
+                    "  user: outbox\n  tokenSecret: {name: nats-relay, key: token}\n",
+                ),
+                "spec.nats.tokenSecret: only one way to authenticate: spec.nats.passwordSecret is set too",
+            ),
+            (
+                nats.replace("  deadLetterSubject: outbox.dlq\n", ""),
+                "spec.nats.deadLetterSubject: is required",
+            ),
+            (
+                nats.replace("stream: OUTBOX", "stream: OUT.BOX"),
+                "spec.nats.stream: \"OUT.BOX\" is not a stream name",
+            ),
+            (
+                nats.replace("subjects: [\"outbox.>\"]", "subjects: []"),
+                "spec.nats.createStream.subjects: must not be empty",
+            ),
+            (
+                nats.replace("{name: nats-relay, key: password}", "{name: nats-relay, key: \"\"}"),
+                "spec.nats.passwordSecret.key: must not be empty",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = validate(&fixture(&yaml)).expect_err(want).to_string();
+            assert!(e.starts_with(want), "{e} does not start with {want}");
+        }
+    }
 
     #[test]
     fn full_spec_validates_with_every_secret_listed() {

@@ -62,7 +62,8 @@ struct Stage {
 impl Stage {
     /// `release`: the Helm release, unique per test (its ClusterRole for
     /// reading the CRD is named after it).
-    async fn new(prefix: &str, release: &str) -> Stage {
+    /// `ports`: test services the pods reach besides MySQL, Redis and the broker.
+    async fn new(prefix: &str, release: &str, ports: &[u16]) -> Stage {
         let client = cluster().await;
         services();
         let nodes = Api::<Node>::all(client.clone())
@@ -76,7 +77,8 @@ impl Stage {
         );
         let ns = TestNamespace::create(&client, prefix).await;
         let dir = Scratch::new(prefix);
-        let ports = [mysql_port(), port_of(redis_url()), port_of(broker())];
+        let mut ports = ports.to_vec();
+        ports.extend([mysql_port(), port_of(redis_url()), port_of(broker())]);
         let kubelet =
             Kubelet::start(client.clone(), &ns.name, &dir.0.join("kubelet"), &ports).await;
         let helm = crate::chart::helm().to_string_lossy().into_owned();
@@ -211,8 +213,12 @@ async fn relay_user(db: &TestDb, user: &str, password: &str) {
 }
 
 fn mysql_secret(password: &str) -> Secret {
+    password_secret("orders-mysql", password)
+}
+
+fn password_secret(name: &str, password: &str) -> Secret {
     serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "orders-mysql"},
+        "metadata": {"name": name},
         "stringData": {"password": password},
     }))
     .expect("secret")
@@ -252,7 +258,7 @@ fn orders(f: &Fixture, user: &str) -> OutboxRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
 async fn the_user_journey_on_a_real_cluster() {
-    let stage = Stage::new("obr-journey", "outbox-operator").await;
+    let stage = Stage::new("obr-journey", "outbox-operator", &[]).await;
     let ns = stage.ns.name.clone();
     stage.helm_install().await;
     let op = stage.operator_leader().await;
@@ -281,11 +287,15 @@ async fn the_user_journey_on_a_real_cluster() {
 
     // What `kubectl get outboxrelays` shows.
     let (header, row) = wait_for(
-        "kubectl get outboxrelays: READY True with a leader, position and lag",
+        "kubectl get outboxrelays: READY True, LAG at most 5 s",
         Duration::from_secs(60),
         || async {
+            // The lag is the age of the oldest unacknowledged commit: on a
+            // loaded machine it may pass 5 s for a moment, so poll for the
+            // caught-up relay rather than judge one sample.
             let (h, r) = stage.kubectl_get().await?;
-            (r.len() == h.len() && r[1] == "True").then_some((h, r))
+            (r.len() == h.len() && r[1] == "True" && r[4].parse::<u64>().is_ok_and(|s| s <= 5))
+                .then_some((h, r))
         },
     )
     .await;
@@ -303,11 +313,6 @@ async fn the_user_journey_on_a_real_cluster() {
         !row[3].is_empty() && row[3] != "<none>",
         "POSITION {}",
         row[3]
-    );
-    assert!(
-        row[4].parse::<u64>().is_ok_and(|s| s <= 5),
-        "LAG {} (seconds)",
-        row[4]
     );
     // Both relay pods Ready (the standby too), as the Deployment counts them.
     let deployments: Api<Deployment> = stage.api();
@@ -452,7 +457,7 @@ async fn the_user_journey_on_a_real_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
 async fn a_role_missing_a_verb_fails_clearly() {
-    let stage = Stage::new("obr-rbac", "rbac-operator").await;
+    let stage = Stage::new("obr-rbac", "rbac-operator", &[]).await;
     let ns = stage.ns.name.clone();
     stage.helm_install().await;
     stage.operator_leader().await;
@@ -576,6 +581,129 @@ async fn a_role_missing_a_verb_fails_clearly() {
     sh(
         &stage.helm,
         &["uninstall", &stage.release, "--namespace", &ns, "--wait"],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+}
+
+/// The install with NATS JetStream as the sink: `spec.nats` with its password
+/// from a Secret → two relay pods, one leads and creates the stream → a
+/// writer → the leader's process SIGKILLed, the standby leads → every row in
+/// the stream once (JetStream drops the replays by `Nats-Msg-Id`), per-key
+/// order kept → the password in no pod's log and not in the ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
+async fn a_nats_relay_on_a_real_cluster() {
+    use crate::nats::{read_stream, PrivateNats, PASSWORD, USER};
+    let servers = Scratch::new("obr-nats-server");
+    let nats = PrivateNats::start(&servers.0);
+    let stage = Stage::new("obr-nats", "nats-operator", &[nats.port]).await;
+    stage.helm_install().await;
+    stage.operator_leader().await;
+    let f = Fixture::new("natsjourney", mysql_port(), &["Order"], 1).await;
+    let user = format!("n{}", &f.db.name[f.db.name.len() - 8..]);
+    relay_user(&f.db, &user, "the-password").await;
+    let secrets: Api<Secret> = stage.api();
+    apply(&secrets, &mysql_secret("the-password")).await;
+    apply(&secrets, &password_secret("orders-nats", PASSWORD)).await;
+    let stream = format!("ORDERS_{}", unique());
+    let mut cr = orders(&f, &user);
+    cr.spec.kafka = None;
+    cr.spec.nats = Some(
+        serde_json::from_value(serde_json::json!({
+            "url": nats.url(),
+            "stream": stream,
+            "createStream": {"subjects": [format!("{}.>", f.db.name)]},
+            "user": USER,
+            "passwordSecret": {"name": "orders-nats", "key": "password"},
+        }))
+        .expect("spec.nats"),
+    );
+    let relays: Api<OutboxRelay> = stage.api();
+    apply(&relays, &cr).await;
+
+    wait_for(
+        "two relay pods running",
+        Duration::from_secs(60),
+        || async { (stage.kubelet.running("orders-relay-").len() == 2).then_some(()) },
+    )
+    .await;
+    let leader = stage.relay_leader(Duration::from_secs(60), &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(f.db.clone(), stop.clone(), 1, 20, Duration::from_millis(10));
+    let events = |min: u64| {
+        let relays = relays.clone();
+        async move {
+            wait_for(
+                "events acknowledged by JetStream, in the status",
+                Duration::from_secs(60),
+                || async {
+                    let st = relays.get("orders").await.ok()?.status?;
+                    st.events.filter(|n| *n >= min).map(|_| ())
+                },
+            )
+            .await
+        }
+    };
+    events(100).await;
+
+    stage.kubelet.kill(&leader);
+    let next = stage
+        .relay_leader(Duration::from_secs(10), std::slice::from_ref(&leader))
+        .await;
+    println!("{next} leads after {leader} was SIGKILLed");
+    let at_kill = f.db.max_id().await;
+    wait_for(
+        "rows written after the failover",
+        Duration::from_secs(30),
+        || async { (f.db.max_id().await > at_kill + 100).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    let rows = f.db.rows().await;
+    let recs = read_stream(&nats.jetstream().await, &stream, rows.len()).await;
+    let report = check(&rows, &recs);
+    println!("{} rows through NATS: {report:?}", rows.len());
+    report.assert_complete();
+    assert_eq!(
+        report.duplicates, 0,
+        "JetStream should have dropped every replay"
+    );
+
+    for p in stage.kubelet.running("orders-relay-") {
+        let logs = stage.kubelet.logs(&p);
+        assert!(!logs.contains(PASSWORD), "the NATS password in {p}'s log");
+        assert!(!logs.contains("panicked"), "{p}:\n{logs}");
+    }
+    let cm = stage
+        .api::<ConfigMap>()
+        .get("orders-relay")
+        .await
+        .expect("the relay ConfigMap");
+    let toml = &cm.data.expect("data")["relay.toml"];
+    assert!(
+        toml.contains("[nats]") && !toml.contains("[kafka]"),
+        "{toml}"
+    );
+    assert!(
+        !toml.contains(PASSWORD),
+        "the NATS password in the ConfigMap"
+    );
+
+    relays
+        .delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete the OutboxRelay");
+    sh(
+        &stage.helm,
+        &[
+            "uninstall",
+            &stage.release,
+            "--namespace",
+            &stage.ns.name,
+            "--wait",
+        ],
     )
     .await
     .unwrap_or_else(|e| panic!("helm uninstall: {e}"));

@@ -189,7 +189,11 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
         apply(&secrets, &s).await;
     }
     let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
-    for file in ["outboxrelay-minimal.yaml", "outboxrelay-full.yaml"] {
+    for file in [
+        "outboxrelay-minimal.yaml",
+        "outboxrelay-full.yaml",
+        "outboxrelay-nats.yaml",
+    ] {
         for r in sample::<OutboxRelay>(file) {
             apply(&relays, &r).await;
         }
@@ -514,6 +518,25 @@ async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &
         (
             serde_json::json!({"redis": {"caSecret": {"name": "ca", "key": "ca.crt"}}}),
             "url must start with rediss://",
+        ),
+        // Beside the sample's kafka: two sinks (and each NATS rule).
+        (
+            serde_json::json!({"nats": {"url": "nats://nats:4222", "stream": "OUTBOX"}}),
+            "set exactly one sink: spec.kafka or spec.nats",
+        ),
+        (
+            serde_json::json!({"nats": {"url": "nats://nats:4222", "stream": "OUT.BOX"}}),
+            "spec.nats.stream",
+        ),
+        (
+            serde_json::json!({"nats": {"url": "nats://nats:4222", "stream": "OUTBOX", "user": "relay"}}),
+            "user and passwordSecret go together",
+        ),
+        (
+            serde_json::json!({"nats": {"url": "nats://nats:4222", "stream": "OUTBOX",
+                "tokenSecret": {"name": "n", "key": "token"},
+                "nkeySecret": {"name": "n", "key": "seed"}}}),
+            "at most one of passwordSecret, tokenSecret, nkeySecret, credentialsSecret",
         ),
     ] {
         let e = api

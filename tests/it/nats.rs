@@ -11,17 +11,17 @@ use futures_util::StreamExt;
 
 use crate::support::*;
 
-const USER: &str = "relay";
-const PASSWORD: &str = "nats-s3cret-pw";
+pub(crate) const USER: &str = "relay";
+pub(crate) const PASSWORD: &str = "nats-s3cret-pw";
 
 /// A JetStream server of the test's own, with a user and password.
-struct PrivateNats {
+pub(crate) struct PrivateNats {
     dir: std::path::PathBuf,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl PrivateNats {
-    fn start(dir: &std::path::Path) -> PrivateNats {
+    pub(crate) fn start(dir: &std::path::Path) -> PrivateNats {
         let n = PrivateNats {
             dir: dir.join("nats"),
             port: free_port(),
@@ -46,11 +46,11 @@ impl PrivateNats {
         services_sh(&["stop-dir", &self.dir.to_string_lossy()]);
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    async fn jetstream(&self) -> jetstream::Context {
+    pub(crate) async fn jetstream(&self) -> jetstream::Context {
         let client =
             async_nats::ConnectOptions::with_user_and_password(USER.into(), PASSWORD.into())
                 .connect(self.url())
@@ -92,7 +92,11 @@ fn start(f: &Fixture, url: &str, nats: &str) -> Relay {
 /// Every message of `stream`, read from the start as `Rec`s (subject as the
 /// topic, stream sequence as the offset, `outbox.key` as the key): at
 /// least `at_least`, then until a second passes without a new one.
-async fn read_stream(js: &jetstream::Context, stream: &str, at_least: usize) -> Vec<Rec> {
+pub(crate) async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    at_least: usize,
+) -> Vec<Rec> {
     let s = js.get_stream(stream).await.expect("the stream");
     let c = s
         .create_consumer(consumer::pull::Config {

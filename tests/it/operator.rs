@@ -19,7 +19,11 @@ fn sample(name: &str) -> OutboxRelay {
 
 #[test]
 fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
-    for name in ["outboxrelay-minimal.yaml", "outboxrelay-full.yaml"] {
+    for name in [
+        "outboxrelay-minimal.yaml",
+        "outboxrelay-full.yaml",
+        "outboxrelay-nats.yaml",
+    ] {
         let v = validate(&sample(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let toml = relay_toml(&v);
         // The pod gets each secret as the env variable the Deployment sets.
@@ -35,6 +39,19 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
         assert_eq!(cfg.server_id(), v.server_id);
         assert_eq!(cfg.mysql.password.expose(), "from-a-secret");
         assert_eq!(cfg.outboxes.len(), v.spec.mysql.outboxes.len());
+        assert_eq!(cfg.kafka.is_some(), v.spec.kafka.is_some(), "{name}");
+        assert_eq!(cfg.nats.is_some(), v.spec.nats.is_some(), "{name}");
+        if let Some(n) = &cfg.nats {
+            assert_eq!(
+                n.password.as_ref().map(|p| p.expose()),
+                Some("from-a-secret")
+            );
+            assert_eq!(
+                n.tls_ca_file.as_deref(),
+                Some(std::path::Path::new("/etc/outbox-relay/nats-ca/ca.crt"))
+            );
+            assert!(n.tls_required);
+        }
     }
 }
 

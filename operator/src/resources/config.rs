@@ -20,6 +20,10 @@ pub const CONFIG_FILE: &str = "relay.toml";
 pub const MYSQL_CA_DIR: &str = "/etc/outbox-relay/mysql-ca";
 /// Where the Redis CA Secret is mounted.
 pub const REDIS_CA_DIR: &str = "/etc/outbox-relay/redis-ca";
+/// Where the NATS CA Secret is mounted.
+pub const NATS_CA_DIR: &str = "/etc/outbox-relay/nats-ca";
+/// Where the NATS credentials (`.creds`) Secret is mounted.
+pub const NATS_CREDS_DIR: &str = "/etc/outbox-relay/nats-creds";
 /// The relay's HTTP port (health, readiness, metrics).
 pub const HTTP_PORT: i32 = 8080;
 
@@ -30,7 +34,10 @@ struct File<'a> {
     start_from: Option<&'a str>,
     mysql: Mysql<'a>,
     outbox: Vec<Outbox<'a>>,
-    kafka: Kafka<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka: Option<Kafka<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<Nats<'a>>,
     redis: Redis<'a>,
     election: Election,
     status: Status<'a>,
@@ -76,6 +83,42 @@ struct Kafka<'a> {
     bad_row_policy: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_topic: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Nats<'a> {
+    url: &'a str,
+    stream: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_ca_file: Option<String>,
+    tls_required: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_timeout: Option<&'a str>,
+    bad_row_policy: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_letter_subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    create_stream: Option<CreateStream<'a>>,
+}
+
+#[derive(Serialize)]
+struct CreateStream<'a> {
+    subjects: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate_window: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<i32>,
+}
+
+fn policy(p: Option<BadRowPolicy>) -> &'static str {
+    match p {
+        Some(BadRowPolicy::DeadLetter) => "dead_letter",
+        _ => "stop",
+    }
 }
 
 #[derive(Serialize)]
@@ -170,15 +213,28 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
                 }
             })
             .collect(),
-        kafka: Kafka {
-            bootstrap_servers: &s.kafka.bootstrap_servers,
-            properties: s.kafka.properties.as_ref(),
-            bad_row_policy: match s.kafka.bad_row_policy {
-                Some(BadRowPolicy::DeadLetter) => "dead_letter",
-                _ => "stop",
-            },
-            dead_letter_topic: s.kafka.dead_letter_topic.as_deref(),
-        },
+        kafka: s.kafka.as_ref().map(|k| Kafka {
+            bootstrap_servers: &k.bootstrap_servers,
+            properties: k.properties.as_ref(),
+            bad_row_policy: policy(k.bad_row_policy),
+            dead_letter_topic: k.dead_letter_topic.as_deref(),
+        }),
+        nats: s.nats.as_ref().map(|n| Nats {
+            url: &n.url,
+            stream: &n.stream,
+            user: n.user.as_deref(),
+            credentials_file: mounted(SecretUse::NatsCredentials, NATS_CREDS_DIR),
+            tls_ca_file: mounted(SecretUse::NatsCa, NATS_CA_DIR),
+            tls_required: n.tls.is_some(),
+            ack_timeout: n.ack_timeout.as_deref(),
+            bad_row_policy: policy(n.bad_row_policy),
+            dead_letter_subject: n.dead_letter_subject.as_deref(),
+            create_stream: n.create_stream.as_ref().map(|c| CreateStream {
+                subjects: &c.subjects,
+                duplicate_window: c.duplicate_window.as_deref(),
+                replicas: c.replicas,
+            }),
+        }),
         redis: Redis {
             url: &s.redis.url,
             ca_file: mounted(SecretUse::RedisCa, REDIS_CA_DIR),
@@ -253,7 +309,27 @@ mod tests {
                 "`{secret_ref}` in the ConfigMap:\n{toml}"
             );
         }
+        assert!(!toml.contains("[nats]"), "{toml}");
         assert_eq!(cm.metadata.name.as_deref(), Some("orders-relay"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn nats_section_instead_of_kafka() {
+        let v = validate(&fixture(&crate::validate::tests::nats_spec())).expect("valid");
+        let toml = relay_toml(&v);
+        assert!(!toml.contains("[kafka]"), "{toml}");
+        for line in [
+            "[nats]\nurl = \"tls://nats-0.nats:4222,tls://nats-1.nats:4222\"\nstream = \"OUTBOX\"\nuser = \"outbox\"\n",
+            "tls_ca_file = \"/etc/outbox-relay/nats-ca/ca.crt\"\ntls_required = true\n",
+            "bad_row_policy = \"dead_letter\"\ndead_letter_subject = \"outbox.dlq\"\n",
+            "[nats.create_stream]\nsubjects = [\"outbox.>\"]\nduplicate_window = \"5m\"\n",
+        ] {
+            assert!(toml.contains(line), "{line} not in:\n{toml}");
+        }
+        assert!(
+            !toml.contains("nats-relay"),
+            "a Secret name in the config:\n{toml}"
+        );
     }
 }

@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 
-use crate::resources::config::{CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR, REDIS_CA_DIR};
+use crate::resources::config::{
+    CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR, NATS_CA_DIR, NATS_CREDS_DIR, REDIS_CA_DIR,
+};
 use crate::resources::{child_meta, child_name, labels};
 use crate::validate::{SecretUse, ValidatedRelay};
 
@@ -25,7 +27,8 @@ pub const CONFIG_HASH: &str = "outboxrelay.dev/config-hash";
 const RELAY_UID: i64 = 65532;
 
 /// Environment variable that carries a secret of `use_` into the relay;
-/// None for CA certificates, which are mounted files (`mount_of`).
+/// None for CA certificates and NATS credentials, which are mounted files
+/// (`mount_of`).
 pub fn env_name(use_: &SecretUse) -> Option<String> {
     match use_ {
         SecretUse::MysqlPassword => Some("OUTBOX_RELAY_MYSQL_PASSWORD".into()),
@@ -34,15 +37,24 @@ pub fn env_name(use_: &SecretUse) -> Option<String> {
             "OUTBOX_RELAY_KAFKA_{}",
             p.to_ascii_uppercase().replace('.', "_")
         )),
-        SecretUse::MysqlCa | SecretUse::RedisCa => None,
+        SecretUse::NatsPassword => Some("OUTBOX_RELAY_NATS_PASSWORD".into()),
+        SecretUse::NatsToken => Some("OUTBOX_RELAY_NATS_TOKEN".into()),
+        SecretUse::NatsNkey => Some("OUTBOX_RELAY_NATS_NKEY".into()),
+        SecretUse::MysqlCa
+        | SecretUse::RedisCa
+        | SecretUse::NatsCa
+        | SecretUse::NatsCredentials => None,
     }
 }
 
-/// CA certificates are mounted files: (volume, mount directory).
+/// CA certificates and NATS credentials are mounted files: (volume, mount
+/// directory).
 fn mount_of(use_: &SecretUse) -> Option<(&'static str, &'static str)> {
     match use_ {
         SecretUse::MysqlCa => Some(("mysql-ca", MYSQL_CA_DIR)),
         SecretUse::RedisCa => Some(("redis-ca", REDIS_CA_DIR)),
+        SecretUse::NatsCa => Some(("nats-ca", NATS_CA_DIR)),
+        SecretUse::NatsCredentials => Some(("nats-creds", NATS_CREDS_DIR)),
         _ => None,
     }
 }
@@ -339,6 +351,79 @@ mod tests {
                 .and_then(|s| s.secret_name)
                 .as_deref(),
             Some("mysql-ca")
+        );
+    }
+
+    #[test]
+    fn nats_secrets_by_secret_key_ref_and_mounted_files() {
+        let v = validate(&fixture(&crate::validate::tests::nats_spec())).expect("valid");
+        let pod = build_deployment(&v, "relay:1", "abc")
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod");
+        let env: Vec<(String, Option<String>)> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name.contains("NATS"))
+            .map(|e| {
+                let r = e
+                    .value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref());
+                (e.name.clone(), r.map(|r| format!("{}/{}", r.name, r.key)))
+            })
+            .collect();
+        assert_eq!(
+            env,
+            [(
+                "OUTBOX_RELAY_NATS_PASSWORD".to_string(),
+                Some("nats-relay/password".to_string())
+            )]
+        );
+        let volumes: Vec<(String, Option<String>)> = pod
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+            .collect();
+        assert!(
+            volumes.contains(&("nats-ca".to_string(), Some("nats-ca".to_string()))),
+            "{volumes:?}"
+        );
+        // A .creds file is a mounted file too, named in the config.
+        let yaml = crate::validate::tests::nats_spec()
+            .replace("  user: outbox\n", "")
+            .replace(
+                "passwordSecret: {name: nats-relay, key: password}",
+                "credentialsSecret: {name: nats-creds, key: relay.creds}",
+            );
+        let v = validate(&fixture(&yaml)).expect("valid");
+        let pod = build_deployment(&v, "relay:1", "abc")
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod");
+        let c = &pod.containers[0];
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.contains("NATS")),
+            "credentials went into the environment"
+        );
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "nats-creds" && m.mount_path == NATS_CREDS_DIR),
+            "{:?}",
+            c.volume_mounts
+        );
+        let toml = crate::resources::config::relay_toml(&v);
+        assert!(
+            toml.contains("credentials_file = \"/etc/outbox-relay/nats-creds/relay.creds\""),
+            "{toml}"
         );
     }
 
