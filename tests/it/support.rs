@@ -791,20 +791,33 @@ pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
     checkpoint_at(redis_url(), name).await
 }
 
-/// `checkpoint` in the Redis at `url`.
+/// `checkpoint` in the Redis at `url` (waiting out a restarted server's
+/// loading of its dataset).
 pub async fn checkpoint_at(url: &str, name: &str) -> Option<(u64, Position)> {
     let client = redis::Client::open(url).expect("redis url");
     let mut c = client
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let (epoch, pos): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-        .arg(format!("test:{name}:checkpoint"))
-        .arg("epoch")
-        .arg("position")
-        .query_async(&mut c)
-        .await
-        .expect("hmget");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (epoch, pos): (Option<u64>, Option<String>) = loop {
+        match redis::cmd("HMGET")
+            .arg(format!("test:{name}:checkpoint"))
+            .arg("epoch")
+            .arg("position")
+            .query_async(&mut c)
+            .await
+        {
+            Ok(v) => break v,
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("hmget: {e}"),
+        }
+    };
     Some((
         epoch?,
         serde_json::from_str(&pos?).expect("checkpoint json"),
