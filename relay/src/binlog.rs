@@ -12,7 +12,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, OptsBuilder, SslOpts};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, MysqlConfig, OutboxConfig, TlsMode};
+use crate::changes::{ChangeContext, ChangeTable};
+use crate::config::{Action, Config, MysqlConfig, OutboxConfig, TlsMode};
 use crate::metrics::Metrics;
 use crate::outbox::{BadRow, Mapper, Record, RowContext, TableMapping};
 use crate::position::{
@@ -207,6 +208,23 @@ pub async fn preflight(conn: &mut Conn, cfg: &Config) -> Result<ServerInfo, Sour
     };
     for (i, o) in cfg.outboxes.iter().enumerate() {
         check_table(conn, i, o).await?;
+    }
+    for name in cfg.changes.iter().flat_map(|c| c.tables.keys()) {
+        let (db, table) = name.split_once('.').unwrap_or((name, ""));
+        let found: Option<String> = conn
+            .exec_first(
+                "SELECT TABLE_NAME FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (db, table),
+            )
+            .await
+            .map_err(|e| classify("looking up the captured tables", e))?;
+        if found.is_none() {
+            return Err(SourceError::Definite(format!(
+                "preflight: changes.tables.\"{name}\": table {name} does not exist (or the \
+                 relay's user cannot see it: grant it SELECT on the table)"
+            )));
+        }
     }
     Ok(ServerInfo {
         flavor,
@@ -474,10 +492,15 @@ const MARIA_QUERY_COMPRESSED: u8 = 165;
 const MARIA_ROWS_COMPRESSED_FIRST: u8 = 166;
 const MARIA_ROWS_COMPRESSED_LAST: u8 = 171;
 
-/// A configured outbox table as the binlog describes it.
-struct OutboxTable {
-    mapping: TableMapping,
-    layout: RowLayout,
+/// A configured table as the binlog describes it.
+enum Captured {
+    /// An outbox table: inserted rows become records.
+    Outbox {
+        mapping: TableMapping,
+        layout: RowLayout,
+    },
+    /// A plain table: its changes become change events.
+    Changes(ChangeTable),
 }
 
 /// An open binlog stream and the transaction being read.
@@ -486,7 +509,7 @@ struct Reader {
     file: String,
     gtid: Option<Gtid>,
     txn: Option<Txn>,
-    tables: HashMap<u64, Option<Arc<OutboxTable>>>,
+    tables: HashMap<u64, Option<Arc<Captured>>>,
     checksum: bool,
     seen_fde: bool,
 }
@@ -747,7 +770,7 @@ impl Source {
                 let reader = self.reader.as_mut().expect("reader is open");
                 reader.tables.insert(tme.table_id(), mapping);
             }
-            EventData::RowsEvent(rows) => self.handle_rows(rows, log_pos)?,
+            EventData::RowsEvent(rows) => self.handle_rows(rows, log_pos, header.timestamp())?,
             EventData::XidEvent(_) => self.commit(log_pos, header.timestamp()),
             // The server is idle: report a commit held back by coalescing, so
             // the checkpoint reaches the head.
@@ -844,17 +867,22 @@ impl Source {
     fn mapping_for(
         &self,
         tme: &mysql_async::binlog::events::TableMapEvent<'_>,
-    ) -> Result<Option<Arc<OutboxTable>>, SourceError> {
+    ) -> Result<Option<Arc<Captured>>, SourceError> {
         let db = tme.database_name();
         let table = tme.table_name();
-        let Some(idx) = self
+        let outbox = self
             .cfg
             .outboxes
             .iter()
-            .position(|o| o.database == db && o.table == table)
-        else {
+            .position(|o| o.database == db && o.table == table);
+        let changes = self
+            .cfg
+            .changes
+            .as_ref()
+            .filter(|c| outbox.is_none() && c.table(&db, &table).is_some());
+        if outbox.is_none() && changes.is_none() {
             return Ok(None);
-        };
+        }
         let mut names = Vec::new();
         for field in tme.iter_optional_meta() {
             if let Ok(OptionalMetadataField::ColumnName(cn)) = field {
@@ -874,20 +902,40 @@ impl Source {
                  is not FULL (it was changed after start?). Set binlog_row_metadata=FULL"
             )));
         }
+        let Some(idx) = outbox else {
+            let max = self.cfg.max_message_bytes();
+            return changes
+                .and_then(|c| ChangeTable::new(tme, &names, c, max).transpose())
+                .transpose()
+                .map(|t| t.map(|t| Arc::new(Captured::Changes(t))))
+                .map_err(|e| {
+                    SourceError::Definite(format!(
+                        "the table map of {db}.{table} is unreadable: {e}"
+                    ))
+                });
+        };
         let mapping = TableMapping::new(idx, &self.cfg.outboxes[idx], &names);
         let layout = RowLayout::new(tme, &names, |i| mapping.uses(i)).map_err(|e| {
             SourceError::Definite(format!("the table map of {db}.{table} is unreadable: {e}"))
         })?;
-        Ok(Some(Arc::new(OutboxTable { mapping, layout })))
+        Ok(Some(Arc::new(Captured::Outbox { mapping, layout })))
     }
 
-    fn handle_rows(&mut self, rows: RowsEventData<'_>, log_pos: u64) -> Result<(), SourceError> {
+    fn handle_rows(
+        &mut self,
+        rows: RowsEventData<'_>,
+        log_pos: u64,
+        time: u32,
+    ) -> Result<(), SourceError> {
         let reader = self.reader.as_mut().expect("reader is open");
         let table_id = rows.table_id();
-        let Some(Some(table)) = reader.tables.get(&table_id).cloned() else {
+        let Some(Some(captured)) = reader.tables.get(&table_id).cloned() else {
             return Ok(());
         };
-        let mapping = &table.mapping;
+        let (mapping, layout) = match captured.as_ref() {
+            Captured::Outbox { mapping, layout } => (mapping, layout),
+            Captured::Changes(t) => return self.handle_changes(t, rows, log_pos, time),
+        };
         let kind = match &rows {
             RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => None,
             RowsEventData::UpdateRowsEvent(_)
@@ -919,7 +967,7 @@ impl Source {
         let at: Arc<str> = Arc::from(format!("{}:{log_pos}", reader.file));
         let ctx_gtid = txn.gtid_text.clone();
         let mapper = &self.mappers[mapping.outbox];
-        for after in table.layout.after_images(&rows) {
+        for after in layout.after_images(&rows) {
             let after = after.map_err(|e| {
                 SourceError::Definite(format!(
                     "cannot decode a row of {} at {at}: {e}",
@@ -945,6 +993,80 @@ impl Source {
                 result,
                 at: at.clone(),
                 gtid: ctx_gtid.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The rows of a captured plain table whose action it relays, as change
+    /// events; the others counted in `ignored_rows_total`.
+    fn handle_changes(
+        &mut self,
+        table: &ChangeTable,
+        rows: RowsEventData<'_>,
+        log_pos: u64,
+        time: u32,
+    ) -> Result<(), SourceError> {
+        let reader = self.reader.as_mut().expect("reader is open");
+        let action = match &rows {
+            RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => Action::Insert,
+            RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => Action::Update,
+            RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => {
+                Action::Delete
+            }
+        };
+        let at: Arc<str> = Arc::from(format!("{}:{log_pos}", reader.file));
+        let decode = |e: std::io::Error| {
+            SourceError::Definite(format!(
+                "cannot decode a row of {} at {at}: {e}",
+                table.name
+            ))
+        };
+        let images = table.layout.images(&rows).map_err(decode)?;
+        if !table.wants(action) {
+            let n = images.count() as u64;
+            self.metrics
+                .ignored
+                .get_or_create(&vec![
+                    ("table".to_string(), table.name.to_string()),
+                    ("kind".to_string(), action.as_str().to_string()),
+                ])
+                .inc_by(n);
+            return Ok(());
+        }
+        let txn = reader.txn.get_or_insert_with(Txn::default);
+        let gtid = txn.gtid_text.clone();
+        for (i, row) in images.enumerate() {
+            let (before, after) = row.map_err(decode)?;
+            txn.rows += 1;
+            if self.replay_skip > 0 {
+                self.replay_skip -= 1;
+                continue;
+            }
+            // Stable across replays: the GTID survives a primary failover.
+            let id = match &gtid {
+                Some(g) => format!("{g}/{}", txn.rows),
+                None => format!("{at}/{i}"),
+            };
+            let result = table.map(
+                action,
+                before,
+                after,
+                ChangeContext {
+                    id: &id,
+                    gtid: gtid.as_deref(),
+                    binlog: &at,
+                    epoch: &self.epoch,
+                    time,
+                },
+            );
+            self.out.push_back(SourceEvent::Row {
+                table: table.name.clone(),
+                result,
+                at: at.clone(),
+                gtid: gtid.clone(),
             });
         }
         Ok(())

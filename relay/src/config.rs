@@ -73,8 +73,11 @@ pub struct Config {
     #[serde(default)]
     pub start_from: StartFrom,
     pub mysql: MysqlConfig,
-    #[serde(rename = "outbox")]
+    #[serde(rename = "outbox", default)]
     pub outboxes: Vec<OutboxConfig>,
+    /// Change events from plain tables (inserts, updates, deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangesConfig>,
     /// The sink: exactly one of `[kafka]` and `[nats]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaConfig>,
@@ -93,6 +96,110 @@ pub struct Config {
 
 fn one() -> u64 {
     1
+}
+
+/// Change events from plain tables, as ditto's `TABLE_FILTER` and
+/// `TOPIC_MAPPING`: `tables` maps `database.table` to the actions relayed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesConfig {
+    /// Default topic (subject) of a table: `<topic_prefix>.<database>.<table>`.
+    #[serde(default = "default_changes_prefix")]
+    pub topic_prefix: String,
+    /// `"database.table" = ["insert", "update", "delete"]`.
+    pub tables: BTreeMap<String, Vec<Action>>,
+    /// `"database.table" = "topic"`: instead of the default topic.
+    #[serde(default)]
+    pub topic_map: BTreeMap<String, String>,
+}
+
+fn default_changes_prefix() -> String {
+    "cdc".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Insert => "insert",
+            Action::Update => "update",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+impl ChangesConfig {
+    /// The captured table `database`.`table`: its actions and topic.
+    pub fn table(&self, database: &str, table: &str) -> Option<(&[Action], String)> {
+        let name = format!("{database}.{table}");
+        let actions = self.tables.get(&name)?;
+        let topic = self
+            .topic_map
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(|| format!("{}.{name}", self.topic_prefix));
+        Some((actions, topic))
+    }
+
+    fn validate(&self, outboxes: &[OutboxConfig]) -> Result<(), ConfigError> {
+        if self.tables.is_empty() {
+            return Err(invalid("changes.tables", "must name at least one table"));
+        }
+        for (name, actions) in &self.tables {
+            let f = format!("changes.tables.\"{name}\"");
+            let Some((db, table)) = name.split_once('.') else {
+                return Err(invalid(f, "must be `database.table`"));
+            };
+            if db.is_empty() || table.is_empty() || table.contains('.') {
+                return Err(invalid(f, "must be `database.table`"));
+            }
+            if actions.is_empty() {
+                return Err(invalid(
+                    f,
+                    "lists no action: give one or more of insert, update, delete",
+                ));
+            }
+            if outboxes
+                .iter()
+                .any(|o| o.database == db && o.table == table)
+            {
+                return Err(invalid(f, "is an [[outbox]] table too"));
+            }
+            let topic = self
+                .topic_map
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| format!("{}.{name}", self.topic_prefix));
+            crate::outbox::validate_topic_name(&topic).map_err(|m| {
+                invalid(
+                    if self.topic_map.contains_key(name) {
+                        format!("changes.topic_map.\"{name}\"")
+                    } else {
+                        "changes.topic_prefix".into()
+                    },
+                    m,
+                )
+            })?;
+        }
+        if let Some(k) = self
+            .topic_map
+            .keys()
+            .find(|k| !self.tables.contains_key(*k))
+        {
+            return Err(invalid(
+                format!("changes.topic_map.\"{k}\""),
+                "is not in changes.tables",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -636,11 +743,14 @@ impl Config {
                 "required with mode verify-ca or verify-full",
             ));
         }
-        if self.outboxes.is_empty() {
+        if self.outboxes.is_empty() && self.changes.is_none() {
             return Err(invalid(
                 "outbox",
-                "at least one [[outbox]] table is required",
+                "at least one [[outbox]] table (or [changes] tables) is required",
             ));
+        }
+        if let Some(c) = &self.changes {
+            c.validate(&self.outboxes)?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, o) in self.outboxes.iter().enumerate() {
@@ -934,6 +1044,57 @@ url = "redis://127.0.0.1:6379/0"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("relay.toml"), &[])
+    }
+
+    #[test]
+    fn changes_reproduce_dittos_filter_and_topic_map() {
+        // TABLE_FILTER={"trades":["insert","update"]}, TOPIC_MAPPING={"trades":"transactions"}
+        let changes = "[changes]\n[changes.tables]\n\"shop.trades\" = [\"insert\", \"update\"]\n\
+                       \"shop.users\" = [\"insert\", \"update\", \"delete\"]\n\
+                       [changes.topic_map]\n\"shop.trades\" = \"transactions\"\n";
+        let c = parse(&format!("{MINIMAL}{changes}")).expect("valid");
+        let ch = c.changes.as_ref().expect("[changes]");
+        assert_eq!(
+            ch.table("shop", "trades"),
+            Some((
+                &[Action::Insert, Action::Update][..],
+                "transactions".to_string()
+            ))
+        );
+        assert_eq!(
+            ch.table("shop", "users").map(|t| t.1),
+            Some("cdc.shop.users".into())
+        );
+        assert_eq!(ch.table("shop", "other"), None);
+        // Only plain tables: no [[outbox]] needed.
+        let only = MINIMAL.replace("[[outbox]]\ndatabase = \"shop\"\n", "");
+        assert!(parse(&format!("{only}{changes}")).is_ok());
+        assert!(parse(&only)
+            .unwrap_err()
+            .to_string()
+            .contains("at least one [[outbox]] table"));
+    }
+
+    #[test]
+    fn bad_changes_name_the_field() {
+        for (changes, field) in [
+            ("[changes]\ntables = {}\n", "changes.tables"),
+            ("[changes.tables]\n\"trades\" = [\"insert\"]\n", "changes.tables.\"trades\""),
+            ("[changes.tables]\n\"shop.t\" = []\n", "lists no action"),
+            ("[changes.tables]\n\"shop.t\" = [\"upsert\"]\n", "unknown variant `upsert`"),
+            ("[changes.tables]\n\"shop.outbox\" = [\"insert\"]\n", "is an [[outbox]] table too"),
+            (
+                "[changes.tables]\n\"shop.t\" = [\"insert\"]\n[changes.topic_map]\n\"shop.u\" = \"x\"\n",
+                "is not in changes.tables",
+            ),
+            (
+                "[changes.tables]\n\"shop.t\" = [\"insert\"]\n[changes.topic_map]\n\"shop.t\" = \"a b\"\n",
+                "changes.topic_map.\"shop.t\"",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}{changes}")).expect_err(field).to_string();
+            assert!(e.contains(field), "{e} does not name {field}");
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 #[cfg(feature = "relay")]
 pub mod binlog;
 #[cfg(feature = "relay")]
+pub mod changes;
+#[cfg(feature = "relay")]
 pub mod checkpoint;
 #[cfg(feature = "relay")]
 pub mod config;

@@ -21,7 +21,8 @@ pub struct Metrics {
     pub bytes: Family<Labels, Counter>,
     /// Rows sent to the dead-letter topic, by source table.
     pub dead_letters: Family<Labels, Counter>,
-    /// UPDATE/DELETE rows on outbox tables, ignored.
+    /// UPDATE/DELETE rows on outbox tables, and plain-table rows of actions
+    /// not relayed (`changes.tables`), ignored.
     pub ignored: Family<Labels, Counter>,
     /// Errors by kind: mysql, kafka, redis, bad_row, fenced.
     pub errors: Family<Labels, Counter>,
@@ -101,7 +102,7 @@ impl Metrics {
         );
         r.register(
             "ignored_rows",
-            "UPDATE/DELETE rows on outbox tables (ignored)",
+            "UPDATE/DELETE rows on outbox tables, and captured plain-table rows of actions not relayed",
             m.ignored.clone(),
         );
         r.register("errors", "Errors by kind", m.errors.clone());

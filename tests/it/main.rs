@@ -1,6 +1,7 @@
 //! One test binary for everything that needs the real services (link time
 //! is the cost of each binary on 2 cores).
 
+mod changes;
 mod chart;
 mod election;
 mod faults;

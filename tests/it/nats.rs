@@ -79,7 +79,7 @@ fn nats_toml(f: &Fixture, http_port: u16, url: &str, nats: &str) -> String {
     )
 }
 
-fn start(f: &Fixture, url: &str, nats: &str) -> Relay {
+pub(crate) fn start(f: &Fixture, url: &str, nats: &str) -> Relay {
     let port = free_port();
     Relay::start(
         &f.dir.0,
