@@ -27,10 +27,16 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.kafka) != has(self.nats)",
-    "message": "set exactly one sink: spec.kafka or spec.nats"
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.kafka) != has(self.nats)",
+        "message": "set exactly one sink: spec.kafka or spec.nats"
+    },
+    {
+        "rule": "(has(self.mysql.outboxes) && size(self.mysql.outboxes) > 0) || has(self.changes)",
+        "message": "nothing to relay: list spec.mysql.outboxes or spec.changes.tables"
+    }
+]))]
 pub struct OutboxRelaySpec {
     /// Relay pods: one leader streams, the others wait warm to take over.
     #[serde(default = "default_replicas")]
@@ -72,6 +78,10 @@ pub struct OutboxRelaySpec {
     /// `nats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsSpec>,
+    /// Change events from plain tables (ditto's table filter and topic map),
+    /// beside or instead of the outbox tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangesSpec>,
     /// The Redis that keeps the checkpoint (position and leadership epoch).
     pub redis: RedisSpec,
     /// Where to start when no checkpoint is stored: `latest`, `earliest`,
@@ -135,8 +145,9 @@ pub struct MysqlSpec {
     /// TLS to the server; default `mode: disabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MysqlTls>,
-    /// The outbox tables and how their rows become records.
-    #[schemars(length(min = 1))]
+    /// The outbox tables and how their rows become records (may be empty
+    /// with `spec.changes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outboxes: Vec<OutboxTable>,
 }
 
@@ -323,6 +334,32 @@ pub struct NatsTls {
     /// trusted roots); mounted into the relay pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
+}
+
+/// Change events from plain tables: every relayed insert, update or delete
+/// as a JSON envelope (`id`, `schema`, `table`, `action`, `data`, `dataOld`,
+/// `eventTime`), keyed by the row's primary key.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangesSpec {
+    /// Default topic (or subject) of a table: `<topicPrefix>.<database>.<table>`;
+    /// default `cdc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_prefix: Option<String>,
+    /// `database.table` → the actions relayed, e.g. `{"shop.trades": [insert, update]}`.
+    #[schemars(extend("minProperties" = 1))]
+    pub tables: BTreeMap<String, Vec<ChangeAction>>,
+    /// `database.table` → its topic, instead of the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_map: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeAction {
+    Insert,
+    Update,
+    Delete,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::crd::{BadRowPolicy, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, TlsMode};
+use crate::crd::{
+    BadRowPolicy, ChangesSpec, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, TlsMode,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("spec.{field}: {message}")]
@@ -85,11 +87,14 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
             format!("{} is not between 1 and 5", s.replicas),
         ));
     }
-    if s.mysql.outboxes.is_empty() {
+    if s.mysql.outboxes.is_empty() && s.changes.is_none() {
         return Err(err(
             "mysql.outboxes",
-            "at least one outbox table is required",
+            "at least one outbox table (or spec.changes.tables) is required",
         ));
+    }
+    if let Some(c) = &s.changes {
+        validate_changes(c)?;
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, o) in s.mysql.outboxes.iter().enumerate() {
@@ -162,6 +167,34 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
         spec: s.clone(),
         secrets,
     })
+}
+
+fn validate_changes(c: &ChangesSpec) -> Result<(), ValidationError> {
+    if c.tables.is_empty() {
+        return Err(err("changes.tables", "must name at least one table"));
+    }
+    for (name, actions) in &c.tables {
+        let field = format!("changes.tables.{name}");
+        match name.split_once('.') {
+            Some((db, t)) if !db.is_empty() && !t.is_empty() && !t.contains('.') => {}
+            _ => return Err(err(field, "must be `database.table`")),
+        }
+        if actions.is_empty() {
+            return Err(err(field, "lists no action: give insert, update or delete"));
+        }
+    }
+    if let Some(k) = c
+        .topic_map
+        .iter()
+        .flat_map(BTreeMap::keys)
+        .find(|k| !c.tables.contains_key(*k))
+    {
+        return Err(err(
+            format!("changes.topicMap.{k}"),
+            "is not in spec.changes.tables",
+        ));
+    }
+    Ok(())
 }
 
 fn kafka_secrets(
@@ -431,6 +464,43 @@ heartbeatInterval: 5s
             let e = validate(&fixture(&yaml)).expect_err(want).to_string();
             assert!(e.starts_with(want), "{e} does not start with {want}");
         }
+    }
+
+    #[test]
+    fn changes_are_checked_and_may_replace_the_outboxes() {
+        let changes = "changes:\n  tables: {shop.trades: [insert, update]}\n  topicMap: {shop.trades: transactions}\n";
+        let only = FULL.replace(
+            &FULL[FULL.find("  outboxes:\n").unwrap()..FULL.find("kafka:\n").unwrap()],
+            "",
+        ) + changes;
+        let v = validate(&fixture(&only)).expect("changes without outboxes");
+        assert!(v.spec.mysql.outboxes.is_empty());
+        for (bad, want) in [
+            (
+                changes.replace("shop.trades: [insert, update]", "trades: [insert]"),
+                "spec.changes.tables.trades: must be `database.table`",
+            ),
+            (
+                changes.replace("[insert, update]", "[]"),
+                "spec.changes.tables.shop.trades: lists no action",
+            ),
+            (
+                changes.replace("topicMap: {shop.trades", "topicMap: {shop.users"),
+                "spec.changes.topicMap.shop.users: is not in spec.changes.tables",
+            ),
+        ] {
+            let yaml = format!("{FULL}{bad}");
+            let e = validate(&fixture(&yaml)).expect_err(want).to_string();
+            assert!(e.starts_with(want), "{e} does not start with {want}");
+        }
+        let none = FULL.replace(
+            &FULL[FULL.find("  outboxes:\n").unwrap()..FULL.find("kafka:\n").unwrap()],
+            "",
+        );
+        let e = validate(&fixture(&none))
+            .expect_err("nothing to relay")
+            .to_string();
+        assert!(e.starts_with("spec.mysql.outboxes: at least one"), "{e}");
     }
 
     #[test]

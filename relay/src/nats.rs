@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::{ConnectOptions, Event, HeaderMap};
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 use tracing::info;
 
@@ -35,6 +35,28 @@ fn unavailable(message: impl ToString) -> SinkError {
         sink: SINK,
         message: message.to_string(),
     }
+}
+
+/// Whether a TLS peer refused the other's certificate (rustls'
+/// `InvalidCertificate`, anywhere in the error's chain): settings to fix,
+/// not an outage to wait out.
+fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            tls,
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        ) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn config_error(message: impl ToString) -> SinkError {
@@ -131,10 +153,25 @@ impl NatsSink {
                     }
                 }
             });
-        let client = opts
-            .connect(cfg.url.as_str())
-            .await
-            .map_err(|e| unavailable(format!("connecting to {}: {e}", redact(&cfg.url))))?;
+        let client = opts.connect(cfg.url.as_str()).await.map_err(|e| {
+            let what = format!("connecting to {}: {e}", redact(&cfg.url));
+            // Refused for good: retrying cannot help, the settings must change.
+            match e.kind() {
+                kind if kind == ConnectErrorKind::Tls || certificate_refused(&e) => {
+                    config_error(format!(
+                        "{what}: check nats.tls_ca_file (the CA of the server's certificate) \
+                         and that the URL's host is in the certificate"
+                    ))
+                }
+                ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                    config_error(format!(
+                        "{what}: check nats.user and its password, or the token, NKey seed or \
+                         credentials file"
+                    ))
+                }
+                _ => unavailable(what),
+            }
+        })?;
         let mut js = jetstream::new(client);
         js.set_timeout(cfg.ack_timeout);
         let subjects = match js.get_stream(&cfg.stream).await {

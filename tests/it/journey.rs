@@ -587,10 +587,12 @@ async fn a_role_missing_a_verb_fails_clearly() {
 }
 
 /// The install with NATS JetStream as the sink: `spec.nats` with its password
-/// from a Secret → two relay pods, one leads and creates the stream → a
-/// writer → the leader's process SIGKILLed, the standby leads → every row in
-/// the stream once (JetStream drops the replays by `Nats-Msg-Id`), per-key
-/// order kept → the password in no pod's log and not in the ConfigMap.
+/// from a Secret, and `spec.changes` capturing a plain table → two relay
+/// pods, one leads and creates the stream → a writer → the leader's process
+/// SIGKILLed, the standby leads → every row in the stream once (JetStream
+/// drops the replays by `Nats-Msg-Id`), per-key order kept, the plain
+/// table's insert and update as change events on their mapped subject →
+/// the password in no pod's log and not in the ConfigMap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
 async fn a_nats_relay_on_a_real_cluster() {
@@ -603,6 +605,8 @@ async fn a_nats_relay_on_a_real_cluster() {
     let f = Fixture::new("natsjourney", mysql_port(), &["Order"], 1).await;
     let user = format!("n{}", &f.db.name[f.db.name.len() - 8..]);
     relay_user(&f.db, &user, "the-password").await;
+    f.db.exec("CREATE TABLE trades (id INT PRIMARY KEY, qty INT)")
+        .await;
     let secrets: Api<Secret> = stage.api();
     apply(&secrets, &mysql_secret("the-password")).await;
     apply(&secrets, &password_secret("orders-nats", PASSWORD)).await;
@@ -618,6 +622,15 @@ async fn a_nats_relay_on_a_real_cluster() {
             "passwordSecret": {"name": "orders-nats", "key": "password"},
         }))
         .expect("spec.nats"),
+    );
+    let trades = format!("{}.trades", f.db.name);
+    let transactions = format!("{}.transactions", f.db.name);
+    cr.spec.changes = Some(
+        serde_json::from_value(serde_json::json!({
+            "tables": {&trades: ["insert", "update"]},
+            "topicMap": {&trades: &transactions},
+        }))
+        .expect("spec.changes"),
     );
     let relays: Api<OutboxRelay> = stage.api();
     apply(&relays, &cr).await;
@@ -659,10 +672,27 @@ async fn a_nats_relay_on_a_real_cluster() {
         || async { (f.db.max_id().await > at_kill + 100).then_some(()) },
     )
     .await;
+    f.db.exec("INSERT INTO trades VALUES (1, 5)").await;
+    f.db.exec("UPDATE trades SET qty = 6 WHERE id = 1").await;
     stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer");
     let rows = f.db.rows().await;
-    let recs = read_stream(&nats.jetstream().await, &stream, rows.len()).await;
+    let all = read_stream(&nats.jetstream().await, &stream, rows.len() + 2).await;
+    let (changes, recs): (Vec<Rec>, Vec<Rec>) =
+        all.into_iter().partition(|r| r.topic == transactions);
+    let actions: Vec<String> = changes
+        .iter()
+        .map(|r| {
+            let e: serde_json::Value =
+                serde_json::from_slice(r.value.as_deref().unwrap_or_default()).expect("envelope");
+            format!("{} {}", e["action"], e["data"]["qty"])
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        ["\"insert\" 5", "\"update\" 6"],
+        "change events of trades"
+    );
     let report = check(&rows, &recs);
     println!("{} rows through NATS: {report:?}", rows.len());
     report.assert_complete();

@@ -519,6 +519,14 @@ async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &
             serde_json::json!({"redis": {"caSecret": {"name": "ca", "key": "ca.crt"}}}),
             "url must start with rediss://",
         ),
+        (
+            serde_json::json!({"mysql": {"outboxes": []}}),
+            "nothing to relay: list spec.mysql.outboxes or spec.changes.tables",
+        ),
+        (
+            serde_json::json!({"changes": {"tables": {}}}),
+            "spec.changes.tables",
+        ),
         // Beside the sample's kafka: two sinks (and each NATS rule).
         (
             serde_json::json!({"nats": {"url": "nats://nats:4222", "stream": "OUTBOX"}}),

@@ -18,28 +18,38 @@ pub(crate) const PASSWORD: &str = "nats-s3cret-pw";
 pub(crate) struct PrivateNats {
     dir: std::path::PathBuf,
     pub(crate) port: u16,
+    /// More nats-server arguments (TLS).
+    extra: Vec<String>,
 }
 
 impl PrivateNats {
     pub(crate) fn start(dir: &std::path::Path) -> PrivateNats {
+        PrivateNats::start_with(dir, &[])
+    }
+
+    pub(crate) fn start_with(dir: &std::path::Path, extra: &[&str]) -> PrivateNats {
         let n = PrivateNats {
             dir: dir.join("nats"),
             port: free_port(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         n.up();
         n
     }
 
     fn up(&self) {
-        services_sh(&[
+        let (dir, port) = (self.dir.to_string_lossy(), self.port.to_string());
+        let mut args = vec![
             "start-nats",
-            &self.dir.to_string_lossy(),
-            &self.port.to_string(),
+            &dir,
+            &port,
             "--user",
             USER,
             "--pass",
             PASSWORD,
-        ]);
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        services_sh(&args);
     }
 
     fn down(&self) {
@@ -68,7 +78,7 @@ impl Drop for PrivateNats {
 
 /// The relay's config for `f` with `[nats]` as its sink; `nats` is the
 /// rest of that section.
-fn nats_toml(f: &Fixture, http_port: u16, url: &str, nats: &str) -> String {
+pub(crate) fn nats_toml(f: &Fixture, http_port: u16, url: &str, nats: &str) -> String {
     let kafka = f.spec().toml(http_port);
     let start = kafka.find("[kafka]").expect("[kafka]");
     let end = kafka.find("[redis]").expect("[redis]");

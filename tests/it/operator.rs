@@ -40,6 +40,7 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
         assert_eq!(cfg.mysql.password.expose(), "from-a-secret");
         assert_eq!(cfg.outboxes.len(), v.spec.mysql.outboxes.len());
         assert_eq!(cfg.kafka.is_some(), v.spec.kafka.is_some(), "{name}");
+        assert_eq!(cfg.changes.is_some(), v.spec.changes.is_some(), "{name}");
         assert_eq!(cfg.nats.is_some(), v.spec.nats.is_some(), "{name}");
         if let Some(n) = &cfg.nats {
             assert_eq!(

@@ -341,3 +341,47 @@ async fn tls_to_redis_with_the_test_ca() {
         .wait_failure(&["redis refused the connection", "redis.ca_file"])
         .await;
 }
+
+/// NATS over TLS with the test's own CA: records acknowledged over TLS; the
+/// system's roots (no `tls_ca_file`) and a wrong password are refused for
+/// good, each naming what to fix, and the password never logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_nats_with_the_test_ca() {
+    use crate::nats::{start, PrivateNats, PASSWORD, USER};
+    let f = Fixture::new("ntls", mysql_port(), &["Order"], 1).await;
+    let certs = make_certs(&f.dir.0.join("certs"));
+    let (cert, key) = (certs.cert.to_string_lossy(), certs.key.to_string_lossy());
+    let server =
+        PrivateNats::start_with(&f.dir.0, &["--tls", "--tlscert", &cert, "--tlskey", &key]);
+    let port = server.port;
+    let url = format!("tls://127.0.0.1:{port}");
+    let stream = format!("TLS_{}", unique());
+    let nats = |extra: &str| {
+        format!(
+            "stream = \"{stream}\"\nuser = \"{USER}\"\ntls_required = true\n{extra}\
+             [nats.create_stream]\nsubjects = [\"{}.>\"]\n",
+            f.db.name
+        )
+    };
+    let ca = format!("tls_ca_file = \"{}\"\n", certs.ca.display());
+    let mut relay = start(&f, &url, &nats(&ca));
+    f.db.insert_txn(&[Ev::new("Order", "t1", "{}"), Ev::new("Order", "t2", "{}")])
+        .await;
+    relay.wait_events(2).await;
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+
+    let logs = start(&f, &url, &nats(""))
+        .wait_failure(&["nats.tls_ca_file"])
+        .await;
+    assert!(!logs.contains(PASSWORD), "the NATS password in a log");
+    let http = free_port();
+    let logs = Relay::start(
+        &f.dir.0,
+        &crate::nats::nats_toml(&f, http, &url, &nats(&ca)),
+        http,
+        &[("OUTBOX_RELAY_NATS_PASSWORD", "not-the-password")],
+    )
+    .wait_failure(&["authorization violation", "nats.user"])
+    .await;
+    assert!(!logs.contains("not-the-password"), "a password in a log");
+}

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Serialize;
 
 use crate::cleanup::relay_name;
-use crate::crd::{BadRowPolicy, TlsMode};
+use crate::crd::{BadRowPolicy, ChangeAction, TlsMode};
 use crate::resources::child_meta;
 use crate::resources::rbac::lease_name;
 use crate::validate::{SecretUse, ValidatedRelay};
@@ -33,7 +33,10 @@ struct File<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     start_from: Option<&'a str>,
     mysql: Mysql<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     outbox: Vec<Outbox<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes: Option<Changes<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kafka: Option<Kafka<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +86,15 @@ struct Kafka<'a> {
     bad_row_policy: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_topic: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Changes<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic_prefix: Option<&'a str>,
+    tables: BTreeMap<&'a str, Vec<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic_map: Option<&'a BTreeMap<String, String>>,
 }
 
 #[derive(Serialize)]
@@ -213,6 +225,25 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
                 }
             })
             .collect(),
+        changes: s.changes.as_ref().map(|c| Changes {
+            topic_prefix: c.topic_prefix.as_deref(),
+            tables: c
+                .tables
+                .iter()
+                .map(|(t, actions)| {
+                    let actions = actions
+                        .iter()
+                        .map(|a| match a {
+                            ChangeAction::Insert => "insert",
+                            ChangeAction::Update => "update",
+                            ChangeAction::Delete => "delete",
+                        })
+                        .collect();
+                    (t.as_str(), actions)
+                })
+                .collect(),
+            topic_map: c.topic_map.as_ref(),
+        }),
         kafka: s.kafka.as_ref().map(|k| Kafka {
             bootstrap_servers: &k.bootstrap_servers,
             properties: k.properties.as_ref(),
@@ -330,6 +361,19 @@ mod tests {
         assert!(
             !toml.contains("nats-relay"),
             "a Secret name in the config:\n{toml}"
+        );
+    }
+
+    #[test]
+    fn changes_section_from_spec_changes() {
+        let yaml = format!(
+            "{}changes:\n  topicPrefix: cdc\n  tables: {{shop.trades: [insert, update]}}\n  topicMap: {{shop.trades: transactions}}\n",
+            crate::validate::tests::FULL
+        );
+        let toml = relay_toml(&validate(&fixture(&yaml)).expect("valid"));
+        assert!(
+            toml.contains("[changes]\ntopic_prefix = \"cdc\"\n\n[changes.tables]\n\"shop.trades\" = [\"insert\", \"update\"]\n\n[changes.topic_map]\n\"shop.trades\" = \"transactions\"\n"),
+            "{toml}"
         );
     }
 }
