@@ -10,11 +10,12 @@ use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event, EventData, OptionalMetadataField, RowsEventData};
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, OptsBuilder, SslOpts};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::changes::{ChangeContext, ChangeTable};
 use crate::config::{Action, Config, MysqlConfig, OutboxConfig, TlsMode};
 use crate::metrics::Metrics;
+use crate::outage::{next_backoff, Outage, RETRY_FIRST};
 use crate::outbox::{BadRow, Mapper, Record, RowContext, TableMapping};
 use crate::position::{
     parse_mariadb_gtid_event, parse_mariadb_gtid_list_event, FilePos, Gtid, MariaGtid,
@@ -532,6 +533,8 @@ pub struct Source {
     /// often; one held back is reported at the next heartbeat.
     last_idle_commit: Instant,
     unreported_commit: bool,
+    /// The server's availability, logged once per change.
+    outage: Outage,
 }
 
 const IDLE_COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -563,6 +566,7 @@ impl Source {
             replay_skip: 0,
             last_idle_commit: Instant::now(),
             unreported_commit: false,
+            outage: Outage::new("mysql"),
         })
     }
 
@@ -572,9 +576,9 @@ impl Source {
     }
 
     /// The next event. Transient errors reconnect with backoff (forever,
-    /// logging each); definite errors are returned.
+    /// logging the outage's start and end); definite errors are returned.
     pub async fn next(&mut self) -> Result<SourceEvent, SourceError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = RETRY_FIRST;
         loop {
             if let Some(ev) = self.out.pop_front() {
                 return Ok(ev);
@@ -584,13 +588,14 @@ impl Source {
                     Ok(r) => {
                         self.metrics.streaming.set(1);
                         self.reader = Some(r);
-                        backoff = Duration::from_millis(100);
+                        self.outage.recovered();
+                        backoff = RETRY_FIRST;
                     }
                     Err(e) if e.is_transient() => {
-                        warn!(error = %e, retry_in = ?backoff, "cannot open the binlog stream");
+                        self.outage.failed("cannot open the binlog stream", &e);
                         self.metrics.errors.get_or_create(&kind("mysql")).inc();
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = next_backoff(backoff);
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -613,9 +618,15 @@ impl Source {
                         .count();
                     self.replay_skip -= queued_rows.min(self.replay_skip);
                     self.out.clear();
-                    warn!(error = %e, resume_at = %self.committed.short(), "binlog stream lost; reconnecting");
+                    self.outage.failed(
+                        &format!(
+                            "binlog stream lost; reconnecting at {}",
+                            self.committed.short()
+                        ),
+                        &e,
+                    );
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = next_backoff(backoff);
                 }
                 Err(e) => return Err(e),
             }

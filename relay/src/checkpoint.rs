@@ -137,6 +137,10 @@ impl CheckpointStore {
         let mcfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))
+            // Its reconnects wait at most as long as the relay's own retries,
+            // so a returning server is seen within `outage::RETRY_MAX`.
+            .set_min_delay(crate::outage::RETRY_FIRST)
+            .set_max_delay(crate::outage::RETRY_MAX)
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client, mcfg)
             .await

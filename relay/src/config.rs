@@ -715,6 +715,15 @@ impl Config {
         Ok(())
     }
 
+    /// The sink's name in logs and metrics: `kafka` or `nats`.
+    pub fn sink_kind(&self) -> &'static str {
+        if self.nats.is_some() {
+            "nats"
+        } else {
+            "kafka"
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));

@@ -1,6 +1,7 @@
 //! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
 //! record out), backpressure on a full queue, topic creation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -11,6 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
+use crate::outage::SharedOutage;
 use crate::outbox::Record;
 use crate::sink::{BoxFuture, DeliveryError, Sent, Sink, SinkError};
 
@@ -36,6 +38,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     // Java-compatible key → partition hashing.
     ("partitioner", "murmur2_random"),
     ("linger.ms", "2"),
+    // Back within a quarter second of a broker's return (librdkafka's own
+    // default backs off to 10 s between reconnects).
+    ("reconnect.backoff.max.ms", "250"),
     ("queue.buffering.max.kbytes", "4096"),
     ("queue.buffering.max.messages", "100000"),
 ];
@@ -71,18 +76,48 @@ pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
 
 /// librdkafka's log, in the relay's: at its own level, except the notice
 /// that `enable.gapless.guarantee` is experimental — the relay sets it on
-/// purpose (see `DEFAULTS`), so that notice is not a warning at every start.
-#[derive(Clone, Copy, Default)]
-pub struct RelayContext;
+/// purpose (see `DEFAULTS`), so that notice is not a warning at every start —
+/// and its errors (`AllBrokersDown`, failed connections, a fatal producer
+/// error), logged once when a run of them begins and once when a delivery
+/// succeeds again, not a line (or two) per reconnect attempt.
+#[derive(Clone)]
+pub struct RelayContext {
+    /// Shared with the sink, whose deliveries end it.
+    outage: Arc<SharedOutage>,
+}
+
+impl Default for RelayContext {
+    fn default() -> Self {
+        RelayContext {
+            outage: Arc::new(SharedOutage::new("kafka")),
+        }
+    }
+}
+
+impl RelayContext {
+    /// An error of the producer or a broker: the first of a run logged as a
+    /// warning, the rest at debug level until a delivery succeeds again
+    /// (the pipeline logs the stream restarts they cause).
+    fn trouble(&self, error: &dyn std::fmt::Display) {
+        self.outage
+            .failed("the Kafka producer reports errors", error);
+    }
+}
 
 impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.trouble(&format!("{error}: {reason}"));
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         use RDKafkaLogLevel as L;
         let expected = fac == "CONFWARN" && message.contains("enable.gapless.guarantee");
         match level {
             _ if expected => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            // A broker connection failed, or worse: part of a run of errors.
+            _ if fac == "FAIL" => self.trouble(&format_args!("{fac} {message}")),
             L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+                self.trouble(&format_args!("{fac} {message}"))
             }
             L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
             L::Notice | L::Info => {
@@ -97,14 +132,17 @@ impl ClientContext for RelayContext {
 #[derive(Clone)]
 pub struct KafkaSink {
     producer: FutureProducer<RelayContext>,
+    outage: Arc<SharedOutage>,
 }
 
 impl KafkaSink {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
+        let context = RelayContext::default();
+        let outage = context.outage.clone();
         let producer: FutureProducer<RelayContext> = client_config(cfg)?
-            .create_with_context(RelayContext)
+            .create_with_context(context)
             .map_err(config_error)?;
-        Ok(KafkaSink { producer })
+        Ok(KafkaSink { producer, outage })
     }
 
     async fn queue(&self, rec: &Record) -> Result<Sent, SinkError> {
@@ -124,7 +162,10 @@ impl KafkaSink {
         let mut wait = Duration::from_millis(1);
         loop {
             match self.producer.send_result(fr) {
-                Ok(f) => return Ok(Sent::Queued(Box::pin(delivery(f)))),
+                Ok(f) => {
+                    let outage = self.outage.clone();
+                    return Ok(Sent::Queued(Box::pin(delivery(f, outage))));
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
                     tokio::time::sleep(wait).await;
@@ -165,9 +206,12 @@ impl Sink for KafkaSink {
 }
 
 /// A librdkafka delivery as the pipeline awaits it.
-async fn delivery(f: DeliveryFuture) -> Result<(), DeliveryError> {
+async fn delivery(f: DeliveryFuture, outage: Arc<SharedOutage>) -> Result<(), DeliveryError> {
     match f.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => {
+            outage.recovered();
+            Ok(())
+        }
         Ok(Err((e, _))) => Err(DeliveryError {
             definite: is_definite(&e),
             message: e.to_string(),

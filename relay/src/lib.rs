@@ -23,6 +23,8 @@ pub mod metrics;
 #[cfg(feature = "relay")]
 pub mod nats;
 #[cfg(feature = "relay")]
+pub mod outage;
+#[cfg(feature = "relay")]
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod pipeline;

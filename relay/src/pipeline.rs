@@ -23,6 +23,7 @@ use crate::election::redis_lock::RedisLock;
 use crate::election::{process_identity, Backend, Elector, Leadership, LeaseLock};
 use crate::kafka;
 use crate::metrics::{label, Metrics};
+use crate::outage::{next_backoff, Outage, SharedOutage, RETRY_FIRST};
 use crate::outbox::{BadRow, Record};
 use crate::position::Position;
 use crate::sink::{self, Delivery, Sent, SinkError};
@@ -148,12 +149,13 @@ async fn run_relay(
         return Ok(());
     };
     info!(server = %info.version, gtid = info.gtid, "preflight passed");
-    let store = retry("connect to Redis", &shutdown, || {
+    let store = retry("redis", "connect to Redis", &shutdown, || {
         CheckpointStore::connect(&cfg.redis, &cfg.name)
     })
     .await?;
     let Some(store) = store else { return Ok(()) };
-    let Some(stored) = retry("load the checkpoint", &shutdown, || store.load()).await? else {
+    let Some(stored) = retry("redis", "load the checkpoint", &shutdown, || store.load()).await?
+    else {
         return Ok(());
     };
     let elector = elector(&cfg, &store).await?;
@@ -185,7 +187,7 @@ async fn run_relay(
         .as_ref()
         .and_then(|k| Some((k, k.create_topics.as_ref()?)))
     {
-        let created = retry("create the configured topics", &shutdown, || {
+        let created = retry("kafka", "create the configured topics", &shutdown, || {
             kafka::create_topics(k, &ct.topics, ct.partitions)
         })
         .await;
@@ -196,7 +198,12 @@ async fn run_relay(
         }
     }
     let mut opened = Some((conn, info));
-    let mut backoff = Duration::from_millis(500);
+    let sink_outage = Arc::new(SharedOutage::new(if cfg.nats.is_some() {
+        "the NATS stream"
+    } else {
+        "the Kafka stream"
+    }));
+    let mut backoff = RETRY_FIRST;
     let outcome = loop {
         let (conn, info) = match opened.take() {
             Some(c) => c,
@@ -207,20 +214,31 @@ async fn run_relay(
             },
         };
         match lead_term(
-            &cfg, &metrics, &health, &progress, &shutdown, &store, conn, info, &lead,
+            &cfg,
+            &metrics,
+            &health,
+            &progress,
+            &shutdown,
+            &store,
+            conn,
+            info,
+            &lead,
+            &sink_outage,
         )
         .await
         {
             Err(e) if e.restarts_stream() && lead.is_valid() && !shutdown.is_cancelled() => {
-                warn!(error = %e, retry_in = ?backoff,
-                    "restarting the stream at the last acknowledged commit with a new producer");
+                sink_outage.failed(
+                    "restarting the stream at the last acknowledged commit with a new producer",
+                    &e,
+                );
                 metrics.stream_restarts.inc();
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
                     _ = lead.lost().cancelled() => break Err(RelayError::LostLeadership { epoch: lead.epoch() }),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = next_backoff(backoff);
             }
             other => break other,
         }
@@ -248,8 +266,10 @@ async fn open_mysql(
     cfg: &Config,
     shutdown: &CancellationToken,
 ) -> Result<Option<(mysql_async::Conn, binlog::ServerInfo)>, RelayError> {
-    let Some(mut conn) =
-        retry("connect to MySQL", shutdown, || binlog::connect(&cfg.mysql)).await?
+    let Some(mut conn) = retry("mysql", "connect to MySQL", shutdown, || {
+        binlog::connect(&cfg.mysql)
+    })
+    .await?
     else {
         return Ok(None);
     };
@@ -307,6 +327,7 @@ async fn lead_term(
     mut conn: mysql_async::Conn,
     info: binlog::ServerInfo,
     lead: &Arc<Leadership>,
+    sink_outage: &Arc<SharedOutage>,
 ) -> Result<(), RelayError> {
     let epoch = lead.epoch();
     // What a previous stream of this process read but never got
@@ -315,7 +336,8 @@ async fn lead_term(
     // Claim the term: from now on an older writer is refused. Then read the
     // checkpoint, which includes everything an older writer saved before.
     store.fence(epoch).await?;
-    let Some(stored) = retry("load the checkpoint", shutdown, || store.load()).await? else {
+    let Some(stored) = retry("redis", "load the checkpoint", shutdown, || store.load()).await?
+    else {
         return Ok(());
     };
     let start = match stored.position {
@@ -339,7 +361,11 @@ async fn lead_term(
     drop(conn);
     progress.set_position(&start);
 
-    let Some(sink) = retry("connect to the sink", shutdown, || sink::connect(cfg)).await? else {
+    let Some(sink) = retry(cfg.sink_kind(), "connect to the sink", shutdown, || {
+        sink::connect(cfg)
+    })
+    .await?
+    else {
         return Ok(());
     };
     let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
@@ -355,7 +381,8 @@ async fn lead_term(
         metrics.clone(),
         progress.clone(),
         shutdown.clone(),
-        if cfg.nats.is_some() { "nats" } else { "kafka" },
+        cfg.sink_kind(),
+        sink_outage.clone(),
     ));
     let mut acker = std::pin::pin!(acker);
     health.ready.store(true, Ordering::Relaxed);
@@ -562,8 +589,10 @@ async fn ack_loop(
     progress: Arc<Progress>,
     shutdown: CancellationToken,
     sink_kind: &'static str,
+    sink_outage: Arc<SharedOutage>,
 ) -> Result<(), RelayError> {
     let mut acked: Option<Position> = None;
+    let mut redis = Outage::new("redis");
     let mut dirty = false;
     let mut last_write = Instant::now();
     let mut tick = tokio::time::interval(interval);
@@ -578,6 +607,7 @@ async fn ack_loop(
                 Some(Inflight::Delivery { fut, table, topic, id, bytes, dead_letter, read_at }) => {
                     match fut.await {
                         Ok(()) => {
+                            sink_outage.recovered();
                             metrics.ack_latency.observe(read_at.elapsed().as_secs_f64());
                             if dead_letter {
                                 *dead.entry(table).or_default() += 1;
@@ -593,7 +623,7 @@ async fn ack_loop(
                             // acknowledged: store it, so what follows is all
                             // that is sent again.
                             if dirty {
-                                if let Err(w) = write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, true).await {
+                                if let Err(w) = write(&mut redis, &store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, true).await {
                                     warn!(error = %w, "cannot store the last acknowledged commit");
                                 }
                             }
@@ -615,7 +645,7 @@ async fn ack_loop(
                     acked = Some(p);
                     dirty = true;
                     if last_write.elapsed() >= interval {
-                        write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
+                        write(&mut redis, &store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
                         dirty = false;
                         last_write = Instant::now();
                     }
@@ -623,7 +653,7 @@ async fn ack_loop(
             },
             _ = tick.tick() => {
                 if dirty {
-                    write(&store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
+                    write(&mut redis, &store, &lead, &progress, acked.as_ref(), &metrics, &shutdown, false).await?;
                     dirty = false;
                     last_write = Instant::now();
                 }
@@ -633,6 +663,7 @@ async fn ack_loop(
     }
     if dirty {
         write(
+            &mut redis,
             &store,
             &lead,
             &progress,
@@ -664,7 +695,9 @@ fn update_checkpoint_age(metrics: &Metrics, acked: Option<&Position>, last_write
 /// pauses meanwhile: the in-flight queue fills and the reader waits). On the
 /// final write during shutdown, gives up after 30 s: nothing is lost, the
 /// unsaved tail is sent again after a restart.
+#[allow(clippy::too_many_arguments)]
 async fn write(
+    redis: &mut Outage,
     store: &CheckpointStore,
     lead: &Leadership,
     progress: &Progress,
@@ -676,7 +709,7 @@ async fn write(
     let Some(pos) = pos else { return Ok(()) };
     let epoch = lead.epoch();
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RETRY_FIRST;
     loop {
         // Re-check the claim right before writing; the epoch fence in Redis
         // refuses the write anyway if a newer term has begun.
@@ -685,6 +718,7 @@ async fn write(
         }
         match store.save(epoch, pos).await {
             Ok(()) => {
+                redis.recovered();
                 progress.set_position(pos);
                 metrics.checkpoints.inc();
                 metrics.checkpoint_offset.set(pos.file.pos as i64);
@@ -700,9 +734,9 @@ async fn write(
                     ))
                     .into());
                 }
-                warn!(error = %e, retry_in = ?backoff, held = %pos.short(), "checkpoint write failed; holding the checkpoint in memory until Redis answers (reading pauses once {INFLIGHT} records are in flight)");
+                redis.failed(&format!("checkpoint write failed; holding the checkpoint in memory until Redis answers (at {}; reading pauses once {INFLIGHT} records are in flight)", pos.short()), &e);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = next_backoff(backoff);
             }
             Err(e) => {
                 if matches!(e, CheckpointError::Fenced { .. }) {
@@ -740,6 +774,7 @@ impl Transient for CheckpointError {
 /// Retries a start-up step with backoff while its error is transient, until
 /// it works, a definite error comes, or shutdown (→ None).
 async fn retry<T, E, F, Fut>(
+    dependency: &'static str,
     what: &str,
     shutdown: &CancellationToken,
     mut f: F,
@@ -749,20 +784,22 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = RETRY_FIRST;
+    let mut outage = Outage::new(dependency);
     loop {
         match f().await {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) if e.is_transient() => {
-                warn!(error = %e, retry_in = ?backoff, "cannot {what}; retrying");
+            Ok(v) => {
+                outage.recovered();
+                return Ok(Some(v));
             }
+            Err(e) if e.is_transient() => outage.failed(&format!("cannot {what}"), &e),
             Err(e) => return Err(e),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = next_backoff(backoff);
     }
 }
 
