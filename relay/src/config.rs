@@ -72,6 +72,12 @@ pub struct Config {
     /// Where to start when no checkpoint is stored.
     #[serde(default)]
     pub start_from: StartFrom,
+    /// Records (and commit markers) read but not yet acknowledged, at most.
+    /// After a SIGKILL they are sent again (with `redis.checkpoint_interval`
+    /// of acknowledged traffic); smaller bounds that tail during a catch-up
+    /// or a Redis outage, larger lets a drain keep more in flight.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
     pub mysql: MysqlConfig,
     #[serde(rename = "outbox", default)]
     pub outboxes: Vec<OutboxConfig>,
@@ -92,6 +98,10 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+fn default_max_in_flight() -> usize {
+    20_000
 }
 
 fn one() -> u64 {
@@ -450,7 +460,7 @@ fn default_key_prefix() -> String {
     crate::keys::DEFAULT_KEY_PREFIX.into()
 }
 fn default_checkpoint_interval() -> Duration {
-    Duration::from_millis(500)
+    Duration::from_millis(100)
 }
 
 /// How the relays sharing a `name` pick the one that streams.
@@ -750,6 +760,12 @@ impl Config {
             return Err(invalid(
                 "mysql.tls.ca_file",
                 "required with mode verify-ca or verify-full",
+            ));
+        }
+        if self.max_in_flight < 100 {
+            return Err(invalid(
+                "max_in_flight",
+                format!("{} is too small: at least 100", self.max_in_flight),
             ));
         }
         if self.outboxes.is_empty() && self.changes.is_none() {
@@ -1157,7 +1173,8 @@ url = "redis://127.0.0.1:6379/0"
         assert_eq!(c.outboxes[0].topic, "outbox.event.{aggregate_type}");
         assert_eq!(c.outboxes[0].columns, Columns::default());
         assert_eq!(c.bad_rows().0, BadRowPolicy::Stop);
-        assert_eq!(c.redis.checkpoint_interval, Duration::from_millis(500));
+        assert_eq!(c.redis.checkpoint_interval, Duration::from_millis(100));
+        assert_eq!(c.max_in_flight, 20_000);
         assert_eq!(c.mysql.heartbeat, Duration::from_secs(5));
         // Stable default server id, not the server's own small ids.
         assert_eq!(c.server_id(), parse(MINIMAL).unwrap().server_id());

@@ -109,10 +109,6 @@ enum Inflight {
     Commit(Position),
 }
 
-/// How much in-flight work (records + commit markers) may be queued between
-/// the reader and the acker. The producer's own queue is bounded too.
-const INFLIGHT: usize = 20_000;
-
 /// How long a stop waits for the commit of a transaction being read.
 const FINISH_TXN: Duration = Duration::from_secs(10);
 
@@ -372,7 +368,9 @@ async fn lead_term(
     let shutdown = shutdown.clone();
     let metrics = metrics.clone();
 
-    let (tx, rx) = mpsc::channel::<Inflight>(INFLIGHT);
+    // How much in-flight work (records + commit markers) may be queued
+    // between the reader and the acker. The producer's own queue is bounded too.
+    let (tx, rx) = mpsc::channel::<Inflight>(cfg.max_in_flight);
     let acker = tokio::spawn(ack_loop(
         rx,
         store.clone(),
@@ -734,7 +732,7 @@ async fn write(
                     ))
                     .into());
                 }
-                redis.failed(&format!("checkpoint write failed; holding the checkpoint in memory until Redis answers (at {}; reading pauses once {INFLIGHT} records are in flight)", pos.short()), &e);
+                redis.failed(&format!("checkpoint write failed; holding the checkpoint in memory until Redis answers (at {}; reading pauses once max_in_flight records are in flight)", pos.short()), &e);
                 tokio::time::sleep(backoff).await;
                 backoff = next_backoff(backoff);
             }
