@@ -1,7 +1,6 @@
 //! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
 //! record out), backpressure on a full queue, topic creation.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -80,27 +79,19 @@ pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
 /// and its errors (`AllBrokersDown`, failed connections, a fatal producer
 /// error), logged once when a run of them begins and once when a delivery
 /// succeeds again, not a line (or two) per reconnect attempt.
-#[derive(Clone)]
-pub struct RelayContext {
-    /// Shared with the sink, whose deliveries end it.
-    outage: Arc<SharedOutage>,
-}
+#[derive(Clone, Copy, Default)]
+pub struct RelayContext;
 
-impl Default for RelayContext {
-    fn default() -> Self {
-        RelayContext {
-            outage: Arc::new(SharedOutage::new("kafka")),
-        }
-    }
-}
+/// The brokers' state, one for the process: a stream restart's new producer
+/// continues the outage its predecessor began; a delivery ends it.
+static KAFKA: SharedOutage = SharedOutage::new("kafka");
 
 impl RelayContext {
     /// An error of the producer or a broker: the first of a run logged as a
     /// warning, the rest at debug level until a delivery succeeds again
     /// (the pipeline logs the stream restarts they cause).
     fn trouble(&self, error: &dyn std::fmt::Display) {
-        self.outage
-            .failed("the Kafka producer reports errors", error);
+        KAFKA.failed("the Kafka producer reports errors", error);
     }
 }
 
@@ -119,7 +110,12 @@ impl ClientContext for RelayContext {
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 self.trouble(&format_args!("{fac} {message}"))
             }
-            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            // Configuration warnings stand alone; the others (a failed
+            // producer-id request, ...) come in runs during an outage.
+            L::Warning if fac == "CONFWARN" => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => self.trouble(&format_args!("{fac} {message}")),
             L::Notice | L::Info => {
                 tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
             }
@@ -132,17 +128,14 @@ impl ClientContext for RelayContext {
 #[derive(Clone)]
 pub struct KafkaSink {
     producer: FutureProducer<RelayContext>,
-    outage: Arc<SharedOutage>,
 }
 
 impl KafkaSink {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
-        let context = RelayContext::default();
-        let outage = context.outage.clone();
         let producer: FutureProducer<RelayContext> = client_config(cfg)?
-            .create_with_context(context)
+            .create_with_context(RelayContext)
             .map_err(config_error)?;
-        Ok(KafkaSink { producer, outage })
+        Ok(KafkaSink { producer })
     }
 
     async fn queue(&self, rec: &Record) -> Result<Sent, SinkError> {
@@ -163,8 +156,7 @@ impl KafkaSink {
         loop {
             match self.producer.send_result(fr) {
                 Ok(f) => {
-                    let outage = self.outage.clone();
-                    return Ok(Sent::Queued(Box::pin(delivery(f, outage))));
+                    return Ok(Sent::Queued(Box::pin(delivery(f))));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
@@ -206,10 +198,10 @@ impl Sink for KafkaSink {
 }
 
 /// A librdkafka delivery as the pipeline awaits it.
-async fn delivery(f: DeliveryFuture, outage: Arc<SharedOutage>) -> Result<(), DeliveryError> {
+async fn delivery(f: DeliveryFuture) -> Result<(), DeliveryError> {
     match f.await {
         Ok(Ok(_)) => {
-            outage.recovered();
+            KAFKA.recovered();
             Ok(())
         }
         Ok(Err((e, _))) => Err(DeliveryError {

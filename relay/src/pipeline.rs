@@ -155,11 +155,17 @@ async fn run_relay(
         return Ok(());
     };
     let elector = elector(&cfg, &store).await?;
+    // A standby waits with its sink connected (Kafka: the idempotent
+    // producer has its id by then), so its first record after winning is not
+    // held up by the producer's start (~0.5 s). If it cannot connect now, the
+    // term connects (and reports why) when it begins.
+    let mut warm = None;
     let (lead, conn, info) = match &elector {
         None => (Leadership::fixed(cfg.epoch), conn, info),
         Some(el) => {
             // A standby holds no binlog connection; it reconnects on taking over.
             drop(conn);
+            warm = sink::connect(&cfg).await.ok();
             health.standby.store(true, Ordering::Relaxed);
             progress.set_role(Role::Standby);
             let won = el.campaign(stored.epoch, &shutdown).await;
@@ -220,6 +226,7 @@ async fn run_relay(
             info,
             &lead,
             &sink_outage,
+            warm.take(),
         )
         .await
         {
@@ -324,6 +331,7 @@ async fn lead_term(
     info: binlog::ServerInfo,
     lead: &Arc<Leadership>,
     sink_outage: &Arc<SharedOutage>,
+    warm: Option<Box<dyn sink::Sink>>,
 ) -> Result<(), RelayError> {
     let epoch = lead.epoch();
     // What a previous stream of this process read but never got
@@ -357,12 +365,18 @@ async fn lead_term(
     drop(conn);
     progress.set_position(&start);
 
-    let Some(sink) = retry(cfg.sink_kind(), "connect to the sink", shutdown, || {
-        sink::connect(cfg)
-    })
-    .await?
-    else {
-        return Ok(());
+    let sink = match warm {
+        Some(s) => s,
+        None => {
+            let Some(s) = retry(cfg.sink_kind(), "connect to the sink", shutdown, || {
+                sink::connect(cfg)
+            })
+            .await?
+            else {
+                return Ok(());
+            };
+            s
+        }
     };
     let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
     let shutdown = shutdown.clone();
