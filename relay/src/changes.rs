@@ -239,7 +239,7 @@ fn key_of(row: Option<&BinlogRow>, image: Option<&Map<String, Json>>) -> Option<
 /// a string, text as a string, binary as base64, dates and times as ISO
 /// 8601 text, TIMESTAMP in UTC, BIT as a number, ENUM and SET by name, MySQL
 /// JSON as the JSON value.
-pub fn column_json(
+fn column_json(
     c: &Column,
     v: &BinlogValue<'_>,
     members: Option<&[String]>,

@@ -63,10 +63,6 @@ impl Outage {
         }
         self.failures = 0;
     }
-
-    pub fn is_down(&self) -> bool {
-        self.since.is_some()
-    }
 }
 
 /// An outage seen to begin in one task and to end in another: `recovered`
@@ -122,13 +118,13 @@ mod tests {
     #[test]
     fn an_outage_begins_at_the_first_failure_and_ends_at_a_success() {
         let mut o = Outage::new("redis");
-        assert!(!o.is_down());
+        assert!(o.since.is_none());
         o.failed("checkpoint write failed", &"connection refused");
         o.failed("checkpoint write failed", &"connection refused");
-        assert!(o.is_down());
+        assert!(o.since.is_some());
         assert_eq!(o.failures, 2);
         o.recovered();
-        assert!(!o.is_down());
+        assert!(o.since.is_none());
         assert_eq!(o.failures, 0);
     }
 }
