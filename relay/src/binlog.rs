@@ -1067,9 +1067,11 @@ impl Source {
                 after,
                 ChangeContext {
                     id: &id,
-                    gtid: gtid.as_deref(),
-                    binlog: &at,
-                    epoch: &self.epoch,
+                    at: RowContext {
+                        gtid: gtid.as_deref(),
+                        binlog: &at,
+                        epoch: &self.epoch,
+                    },
                     time,
                 },
             );

@@ -20,7 +20,7 @@ use mysql_async::{Column, Value};
 use serde_json::{Map, Number, Value as Json};
 
 use crate::config::{Action, ChangesConfig};
-use crate::outbox::{header, BadRow, Headers, Record};
+use crate::outbox::{header, BadRow, Headers, Record, RowContext};
 use crate::rows::RowLayout;
 
 /// The `binary` character set: bytes, sent as base64.
@@ -49,9 +49,8 @@ pub struct ChangeTable {
 pub struct ChangeContext<'a> {
     /// Unique and stable across replays: `<gtid>/<n>` or `<file>:<pos>/<n>`.
     pub id: &'a str,
-    pub gtid: Option<&'a str>,
-    pub binlog: &'a str,
-    pub epoch: &'a str,
+    /// Where the row sits: its position headers.
+    pub at: RowContext<'a>,
     /// The binlog event's timestamp (seconds).
     pub time: u32,
 }
@@ -173,31 +172,15 @@ impl ChangeTable {
             header::EVENT_TYPE.into(),
             action.as_str().as_bytes().to_vec(),
         ));
-        if let Some(g) = ctx.gtid {
-            headers.push((header::GTID.into(), g.as_bytes().to_vec()));
-        }
-        headers.push((header::BINLOG.into(), ctx.binlog.as_bytes().to_vec()));
-        headers.push((header::EPOCH.into(), ctx.epoch.as_bytes().to_vec()));
-        let record = Record {
+        ctx.at.push_headers(&mut headers);
+        Record {
             topic: self.topic.clone(),
             key,
             value: Some(value),
             headers,
             id: ctx.id.to_owned(),
-        };
-        let size = record.size();
-        if size > self.max_message_bytes {
-            return Err(BadRow {
-                reason: format!(
-                    "change event of {size} bytes exceeds the sink's maximum message size ({})",
-                    self.max_message_bytes
-                ),
-                id: Some(record.id),
-                key: Some(record.key),
-                value: None,
-            });
         }
-        Ok(record)
+        .within(self.max_message_bytes)
     }
 
     /// A row image as a JSON object of column name → value.

@@ -89,7 +89,8 @@ impl SharedOutage {
     }
 
     pub fn recovered(&self) {
-        if self.down.swap(false, Ordering::Relaxed) {
+        // Called per acknowledged record: a load, no write, while all is well.
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
             if let Ok(mut o) = self.inner.lock() {
                 o.recovered();
             }

@@ -46,6 +46,22 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record, or a bad row when it is larger than the sink takes.
+    pub fn within(self, max_message_bytes: usize) -> Result<Record, BadRow> {
+        let size = self.size();
+        if size > max_message_bytes {
+            return Err(BadRow {
+                reason: format!(
+                    "record of {size} bytes exceeds the producer's message.max.bytes ({max_message_bytes})"
+                ),
+                id: Some(self.id),
+                key: Some(self.key),
+                value: self.value,
+            });
+        }
+        Ok(self)
+    }
+
     /// Bytes the record occupies in a produce request, roughly (key, value,
     /// header names and values); compared against `message.max.bytes`.
     pub fn size(&self) -> usize {
@@ -177,6 +193,17 @@ pub struct RowContext<'a> {
     pub epoch: &'a str,
 }
 
+impl RowContext<'_> {
+    /// The position headers every record carries: GTID, binlog, epoch.
+    pub fn push_headers(&self, headers: &mut Headers) {
+        if let Some(g) = self.gtid {
+            headers.push((header::GTID.into(), g.as_bytes().to_vec()));
+        }
+        headers.push((header::BINLOG.into(), self.binlog.as_bytes().to_vec()));
+        headers.push((header::EPOCH.into(), self.epoch.as_bytes().to_vec()));
+    }
+}
+
 /// Turns outbox rows of one configured table into records.
 #[derive(Debug, Clone)]
 pub struct Mapper {
@@ -272,11 +299,7 @@ impl Mapper {
         if let Some(et) = event_type {
             headers.push((header::EVENT_TYPE.into(), et));
         }
-        if let Some(g) = ctx.gtid {
-            headers.push((header::GTID.into(), g.as_bytes().to_vec()));
-        }
-        headers.push((header::BINLOG.into(), ctx.binlog.as_bytes().to_vec()));
-        headers.push((header::EPOCH.into(), ctx.epoch.as_bytes().to_vec()));
+        ctx.push_headers(&mut headers);
         if let Some(hc) = cols.headers {
             if let Some(raw) = row.take(hc).and_then(|v| to_bytes(v)) {
                 match user_headers(&raw) {
@@ -285,26 +308,14 @@ impl Mapper {
                 }
             }
         }
-        let record = Record {
+        Record {
             topic,
             key,
             value,
             headers,
             id: id_text,
-        };
-        let size = record.size();
-        if size > self.max_message_bytes {
-            return Err(BadRow {
-                reason: format!(
-                    "record of {size} bytes exceeds the producer's message.max.bytes ({})",
-                    self.max_message_bytes
-                ),
-                id: Some(record.id),
-                key: Some(record.key),
-                value: record.value,
-            });
         }
-        Ok(record)
+        .within(self.max_message_bytes)
     }
 }
 

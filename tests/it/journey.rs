@@ -178,6 +178,17 @@ impl Stage {
         .await
     }
 
+    /// Waits for the two relay pods to run and one to hold the Lease: its name.
+    async fn two_relay_pods_one_leads(&self) -> String {
+        wait_for(
+            "two relay pods running",
+            Duration::from_secs(60),
+            || async { (self.kubelet.running("orders-relay-").len() == 2).then_some(()) },
+        )
+        .await;
+        self.relay_leader(Duration::from_secs(60), &[]).await
+    }
+
     /// Every pod's log, for a failure message.
     fn logs(&self, prefix: &str) -> String {
         self.kubelet
@@ -274,13 +285,7 @@ async fn the_user_journey_on_a_real_cluster() {
     apply(&relays, &orders(&f, &user)).await;
 
     // Two relay pods, one leads; a writer; records reach Kafka.
-    wait_for(
-        "two relay pods running",
-        Duration::from_secs(60),
-        || async { (stage.kubelet.running("orders-relay-").len() == 2).then_some(()) },
-    )
-    .await;
-    let leader = stage.relay_leader(Duration::from_secs(60), &[]).await;
+    let leader = stage.two_relay_pods_one_leads().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = steady_writer(f.db.clone(), stop.clone(), 1, 20, Duration::from_millis(10));
     read_topics(&f.topics, 50, Duration::from_secs(60)).await;
@@ -635,13 +640,7 @@ async fn a_nats_relay_on_a_real_cluster() {
     let relays: Api<OutboxRelay> = stage.api();
     apply(&relays, &cr).await;
 
-    wait_for(
-        "two relay pods running",
-        Duration::from_secs(60),
-        || async { (stage.kubelet.running("orders-relay-").len() == 2).then_some(()) },
-    )
-    .await;
-    let leader = stage.relay_leader(Duration::from_secs(60), &[]).await;
+    let leader = stage.two_relay_pods_one_leads().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = steady_writer(f.db.clone(), stop.clone(), 1, 20, Duration::from_millis(10));
     let events = |min: u64| {

@@ -356,13 +356,16 @@ mod tests {
 
     #[test]
     fn nats_secrets_by_secret_key_ref_and_mounted_files() {
+        let pod_of = |v: &ValidatedRelay| {
+            build_deployment(v, "relay:1", "abc")
+                .spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod")
+        };
         let v = validate(&fixture(&crate::validate::tests::nats_spec())).expect("valid");
-        let pod = build_deployment(&v, "relay:1", "abc")
-            .spec
-            .expect("spec")
-            .template
-            .spec
-            .expect("pod");
+        let pod = pod_of(&v);
         let env: Vec<(String, Option<String>)> = pod.containers[0]
             .env
             .iter()
@@ -401,12 +404,7 @@ mod tests {
                 "credentialsSecret: {name: nats-creds, key: relay.creds}",
             );
         let v = validate(&fixture(&yaml)).expect("valid");
-        let pod = build_deployment(&v, "relay:1", "abc")
-            .spec
-            .expect("spec")
-            .template
-            .spec
-            .expect("pod");
+        let pod = pod_of(&v);
         let c = &pod.containers[0];
         assert!(
             c.env.iter().flatten().all(|e| !e.name.contains("NATS")),
