@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# Installs what is missing and starts private MariaDB (binlog on), Redis and a
-# Kafka-protocol broker (tansu) on loopback ports; stops them by PID.
+# Installs what is missing and starts private MariaDB (binlog on), PostgreSQL
+# (wal_level=logical), Redis and a Kafka-protocol broker (tansu) on loopback
+# ports; stops them by PID.
 #
-#   scripts/services.sh start            all three, in $OUTBOX_ENV_DIR (default target/services)
-#   scripts/services.sh stop             stop all three
+#   scripts/services.sh start            all four, in $OUTBOX_ENV_DIR (default target/services)
+#   scripts/services.sh stop             stop all four
 #   scripts/services.sh status
 #   scripts/services.sh install          only install what is missing
 #   scripts/services.sh helm             print the path of the helm binary (installed if missing)
 #   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
+#   scripts/services.sh start-postgres DIR PORT [extra postgres args...]
 #   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
 #   scripts/services.sh start-broker  DIR PORT [memory|sqlite]
 #   scripts/services.sh start-nats    DIR PORT [nats-server args...]   (the NATS sink's tests)
 #   scripts/services.sh stop-dir DIR     stop whatever runs from DIR
 #
-# Ports (override with env): MariaDB 3307, Redis 6390, broker 9092.
+# Ports (override with env): MariaDB 3307, PostgreSQL 5433, Redis 6390, broker 9092.
 # The shared broker keeps data in memory (OUTBOX_BROKER_ENGINE=sqlite for a
 # durable one); tests that restart a broker start their own.
-# The replication user `relay` / `relay-password` is created on start.
+# The replication user `relay` / `relay-password` is created on start (in
+# PostgreSQL: REPLICATION, and a member of `app`, which owns the test tables).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ENV_DIR=${OUTBOX_ENV_DIR:-$ROOT/target/services}
 MYSQL_PORT=${OUTBOX_MYSQL_PORT:-3307}
+PG_PORT=${OUTBOX_PG_PORT:-5433}
 REDIS_PORT=${OUTBOX_REDIS_PORT:-6390}
 BROKER_PORT=${OUTBOX_BROKER_PORT:-9092}
 TANSU_VERSION=0.6.0
@@ -50,6 +54,10 @@ install_all() {
   if ! command -v mariadbd >/dev/null 2>&1 && ! [ -x /usr/sbin/mariadbd ]; then
     log "installing mariadb-server"
     apt_install mariadb-server mariadb-client
+  fi
+  if [ -z "$(pg_bin)" ]; then
+    log "installing postgresql"
+    apt_install postgresql
   fi
   if ! command -v redis-server >/dev/null 2>&1; then
     log "installing redis-server"
@@ -155,6 +163,43 @@ SQL
   log "MariaDB on 127.0.0.1:$port (data in $dir)"
 }
 
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+
+# PostgreSQL refuses to run as root: as root, its files belong to `postgres`.
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+start_postgres() { # dir port [args]
+  local dir=$1 port=$2; shift 2
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if running "$dir/postgres.pid"; then return 0; fi
+  port_free "$port" PostgreSQL || return 1
+  local bin; bin=$(pg_bin)
+  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  if ! [ -f "$dir/data/PG_VERSION" ]; then
+    as_pg bash -c "echo postgres-password >'$dir/pw' && '$bin/initdb' -D '$dir/data' -U postgres \
+      --auth=scram-sha-256 --pwfile='$dir/pw' -E UTF8 --locale=C.UTF-8" >"$dir/initdb.log" 2>&1 ||
+      { tail -20 "$dir/initdb.log" >&2; return 1; }
+    echo "host replication all 127.0.0.1/32 scram-sha-256" >>"$dir/data/pg_hba.conf"
+  fi
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start -o \
+    "-p $port -k $dir -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c fsync=off $*" \
+    >/dev/null || { tail -20 "$dir/postgres.log" >&2; return 1; }
+  head -1 "$dir/data/postmaster.pid" >"$dir/postgres.pid"
+  PGPASSWORD=postgres-password "$bin/psql" -qX -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+    -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN
+    CREATE ROLE app LOGIN CREATEDB PASSWORD 'app-password';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'relay') THEN
+    CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay-password' IN ROLE app;
+  END IF;
+END $$;
+SQL
+  log "PostgreSQL on 127.0.0.1:$port (data in $dir)"
+}
+
 start_redis() { # dir port [args]
   local dir=$1 port=$2; shift 2
   mkdir -p "$dir"
@@ -213,6 +258,9 @@ stop_pidfile() { # pidfile
 
 stop_dir() {
   for f in "$1/tansu.pid" "$1/redis.pid" "$1/mysqld.pid" "$1/nats.pid"; do stop_pidfile "$f"; done
+  # Fast shutdown (SIGINT): a smart one (SIGTERM) waits for every client.
+  if running "$1/postgres.pid"; then kill -INT "$(cat "$1/postgres.pid")" 2>/dev/null || true; fi
+  stop_pidfile "$1/postgres.pid"
 }
 
 case "${1:-start}" in
@@ -221,19 +269,21 @@ case "${1:-start}" in
   start)
     install_all
     start_mariadb "$ENV_DIR/mariadb" "$MYSQL_PORT"
+    start_postgres "$ENV_DIR/postgres" "$PG_PORT"
     start_redis "$ENV_DIR/redis" "$REDIS_PORT"
     start_broker "$ENV_DIR/broker" "$BROKER_PORT" "${OUTBOX_BROKER_ENGINE:-memory}"
     ;;
-  stop) stop_dir "$ENV_DIR/broker"; stop_dir "$ENV_DIR/redis"; stop_dir "$ENV_DIR/mariadb" ;;
+  stop) stop_dir "$ENV_DIR/broker"; stop_dir "$ENV_DIR/redis"; stop_dir "$ENV_DIR/mariadb"; stop_dir "$ENV_DIR/postgres" ;;
   status)
-    for s in mariadb/mysqld redis/redis broker/tansu; do
+    for s in mariadb/mysqld postgres/postgres redis/redis broker/tansu; do
       if running "$ENV_DIR/$s.pid"; then echo "${s%%/*}: running"; else echo "${s%%/*}: stopped"; fi
     done
     ;;
   start-mariadb) shift; start_mariadb "$@" ;;
+  start-postgres) shift; start_postgres "$@" ;;
   start-redis) shift; start_redis "$@" ;;
   start-broker) shift; start_broker "$@" ;;
   start-nats) shift; start_nats "$@" ;;
   stop-dir) stop_dir "$2" ;;
-  *) echo "usage: $0 start|stop|status|install|start-mariadb|start-redis|start-broker|start-nats|stop-dir" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|install|start-mariadb|start-postgres|start-redis|start-broker|start-nats|stop-dir" >&2; exit 2 ;;
 esac

@@ -24,7 +24,7 @@ command -v cargo >/dev/null || {
 QUIET=--quiet
 [ -t 2 ] && QUIET=
 
-log "starting MariaDB, Redis and the broker (installing what is missing; the first broker build takes 25-40 min)"
+log "starting MariaDB, PostgreSQL, Redis and the broker (installing what is missing; the first broker build takes 25-40 min)"
 scripts/services.sh start
 scripts/services.sh helm >/dev/null # the chart tests' helm
 if [ -n "${KUBECONFIG:-}" ]; then

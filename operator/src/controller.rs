@@ -30,7 +30,7 @@ use crate::cleanup::{self, relay_name, FINALIZER};
 use crate::crd::{CheckpointPolicy, OutboxRelay, OutboxRelayStatus};
 use crate::events::{EventType, Recorder};
 use crate::guard::{Guarded, Malformed};
-use crate::health::{assess, heartbeat_interval, Cond};
+use crate::health::{assess, heartbeat_interval, wal_retained, Cond};
 use crate::metrics::Metrics;
 use crate::resources::config::{build_configmap, CONFIG_FILE};
 use crate::resources::deployment::{build_deployment, config_hash};
@@ -348,14 +348,20 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
         obj.metadata.creation_timestamp.as_ref().map(|t| t.0),
         Timestamp::now(),
     );
-    let degraded = match &health.error {
-        Some(e) => Cond {
+    let degraded = match (&health.error, wal_retained(obj.status.as_ref())) {
+        (Some(e), _) => Cond {
             type_: "Degraded",
             status: true,
             reason: "RelayError",
             message: e.clone(),
         },
-        None => Cond {
+        (None, Some(message)) => Cond {
+            type_: "Degraded",
+            status: true,
+            reason: "WalRetained",
+            message,
+        },
+        (None, None) => Cond {
             type_: "Degraded",
             status: false,
             reason: "Reconciled",

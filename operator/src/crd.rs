@@ -9,9 +9,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// An outbox relay: relay pods that stream the committed rows of MySQL outbox
-/// tables from the binlog to Kafka or NATS JetStream, one elected leader at a
-/// time, with their position kept in Redis.
+/// An outbox relay: relay pods that stream the committed rows of outbox
+/// tables — from the MySQL binlog or PostgreSQL logical replication — to
+/// Kafka or NATS JetStream, one elected leader at a time, with their position
+/// kept in Redis.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "outboxrelay.dev",
@@ -33,8 +34,16 @@ use serde::{Deserialize, Serialize};
         "message": "set exactly one sink: spec.kafka or spec.nats"
     },
     {
-        "rule": "(has(self.mysql.outboxes) && size(self.mysql.outboxes) > 0) || has(self.changes)",
+        "rule": "has(self.mysql) != has(self.postgres)",
+        "message": "set exactly one database: spec.mysql or spec.postgres"
+    },
+    {
+        "rule": "!has(self.mysql) || (has(self.mysql.outboxes) && size(self.mysql.outboxes) > 0) || has(self.changes)",
         "message": "nothing to relay: list spec.mysql.outboxes or spec.changes.tables"
+    },
+    {
+        "rule": "!has(self.changes) || has(self.mysql)",
+        "message": "spec.changes reads the MySQL binlog; with spec.postgres, relay outbox tables and messages"
     }
 ]))]
 pub struct OutboxRelaySpec {
@@ -69,8 +78,14 @@ pub struct OutboxRelaySpec {
     /// one the operator creates (it then needs the same Lease and status rights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
-    /// The MySQL/MariaDB server whose binlog the relay reads, and its outbox tables.
-    pub mysql: MysqlSpec,
+    /// The MySQL/MariaDB server whose binlog the relay reads, and its outbox
+    /// tables (exactly one of `mysql`, `postgres`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<MysqlSpec>,
+    /// The PostgreSQL database the relay reads through logical replication
+    /// (pgoutput), and its outbox tables (exactly one of `mysql`, `postgres`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpec>,
     /// The Kafka cluster the records go to (exactly one of `kafka`, `nats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSpec>,
@@ -151,6 +166,55 @@ pub struct MysqlSpec {
     pub outboxes: Vec<OutboxTable>,
 }
 
+/// A PostgreSQL source: a logical replication slot (pgoutput) and a
+/// publication of the outbox tables, both created when missing and named
+/// `outbox_relay_<namespace>_<name>` unless set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpec {
+    /// Server host name.
+    #[schemars(length(min = 1))]
+    pub host: String,
+    /// Server port; default 5432.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// The database of the outbox tables.
+    #[schemars(length(min = 1))]
+    pub database: String,
+    /// Role with the REPLICATION attribute (Amazon RDS: `rds_replication`);
+    /// to create the publication it must own the outbox tables (or be a
+    /// member of their owner).
+    #[schemars(length(min = 1))]
+    pub user: String,
+    /// The role's password.
+    pub password_secret: SecretKeyRef,
+    /// Replication slot name (lower-case letters, digits, `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    pub slot: Option<String>,
+    /// Publication name (lower-case letters, digits, `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    pub publication: Option<String>,
+    /// Create the slot and publication when missing; default true. With
+    /// false, the relay's preflight names the statements to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<bool>,
+    /// `pg_logical_emit_message(true, prefix, json)` messages with this
+    /// prefix are outbox events; default `outbox`, "" relays none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_prefix: Option<String>,
+    /// Retained WAL (bytes) above which the status shows WalRetained;
+    /// default 1 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_retained_wal_bytes: Option<i64>,
+    /// The outbox tables (`database` is the table's schema, e.g. `public`).
+    #[schemars(length(min = 1))]
+    pub outboxes: Vec<OutboxTable>,
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -178,8 +242,12 @@ pub enum TlsMode {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.columns) && has(self.columnPreset))",
+    "message": "set columns or columnPreset, not both"
+}]))]
 pub struct OutboxTable {
-    /// Database (schema) of the outbox table.
+    /// Database (MySQL) or schema (PostgreSQL) of the outbox table.
     #[schemars(length(min = 1))]
     pub database: String,
     /// Table name; default `outbox`.
@@ -188,6 +256,10 @@ pub struct OutboxTable {
     /// Column names, where they differ from the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Columns>,
+    /// `Debezium`: the Debezium Outbox Event Router's column names (`id`,
+    /// `aggregatetype`, `aggregateid`, `type`, `payload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column_preset: Option<ColumnPreset>,
     /// Topic template over the row: `{aggregate_type}`, `{event_type}`,
     /// `{database}`, `{table}`. Default `outbox.event.{aggregate_type}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,6 +267,11 @@ pub struct OutboxTable {
     /// Explicit topic per aggregate type; wins over the template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic_map: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ColumnPreset {
+    Debezium,
 }
 
 /// Outbox column names; unset ones keep their default name.
@@ -421,9 +498,12 @@ pub struct OutboxRelayStatus {
     /// The last position whose every record the sink acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<PositionStatus>,
-    /// How far the leader is behind the server's binlog head.
+    /// How far the leader is behind the server's log head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
+    /// PostgreSQL: the WAL the replication slot retains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalStatus>,
     /// Records acknowledged by the sink since the leading relay process started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<u64>,
@@ -453,15 +533,21 @@ pub struct LeaderStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PositionStatus {
-    /// GTID when the server has one, else `file:pos`.
+    /// MySQL: the GTID when the server has one, else `file:pos`;
+    /// PostgreSQL: the LSN.
     pub short: String,
     /// GTID set (or MariaDB GTID list) up to and including that commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gtid: Option<String>,
-    /// Binlog file of that commit.
-    pub file: String,
-    /// Offset in `file` just after that commit.
-    pub pos: u64,
+    /// Binlog file of that commit (MySQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Offset in `file` just after that commit (MySQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos: Option<u64>,
+    /// WAL location just after that commit (PostgreSQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
     /// RFC 3339 commit time of the last relayed transaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_time: Option<String>,
@@ -473,7 +559,17 @@ pub struct LagStatus {
     /// Seconds between now and the commit time of the last relayed
     /// transaction, 0 when nothing is waiting.
     pub seconds: u64,
-    /// Binlog bytes behind the server's head.
+    /// Log bytes (binlog, WAL) behind the server's head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WalStatus {
+    /// WAL bytes the server keeps for the relay's replication slot: what an
+    /// abandoned slot grows until the disk is full.
+    pub retained_bytes: u64,
+    /// `spec.postgres.maxRetainedWalBytes`.
+    pub limit_bytes: u64,
 }

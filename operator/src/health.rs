@@ -59,6 +59,20 @@ fn since(now: Timestamp, t: Timestamp) -> Duration {
     Duration::from_millis(d.max(0) as u64)
 }
 
+/// PostgreSQL: the message of a `WalRetained` Degraded condition when the
+/// replication slot retains more WAL than the limit the relay reports.
+pub fn wal_retained(status: Option<&OutboxRelayStatus>) -> Option<String> {
+    let w = status?.wal.as_ref()?;
+    (w.retained_bytes > w.limit_bytes).then(|| {
+        format!(
+            "the replication slot retains {} bytes of WAL, above spec.postgres.maxRetainedWalBytes \
+             ({}): the server keeps WAL until the relay confirms it, so a stopped or lagging relay \
+             grows it until the disk fills",
+            w.retained_bytes, w.limit_bytes
+        )
+    })
+}
+
 pub fn assess(
     status: Option<&OutboxRelayStatus>,
     interval: Duration,
@@ -174,7 +188,25 @@ pub fn assess(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{LagStatus, LeaderStatus, PositionStatus};
+    use crate::crd::{LagStatus, LeaderStatus, PositionStatus, WalStatus};
+
+    #[test]
+    fn retained_wal_over_the_limit_is_named() {
+        let status = |retained_bytes| OutboxRelayStatus {
+            wal: Some(WalStatus {
+                retained_bytes,
+                limit_bytes: 1_000,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(wal_retained(Some(&status(1_000))), None);
+        let m = wal_retained(Some(&status(1_001))).expect("over the limit");
+        assert!(
+            m.contains("retains 1001 bytes") && m.contains("maxRetainedWalBytes (1000)"),
+            "{m}"
+        );
+        assert_eq!(wal_retained(None), None);
+    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).expect("time")
@@ -194,8 +226,9 @@ mod tests {
             position: Some(PositionStatus {
                 short: "0-1-42".into(),
                 gtid: Some("0-1-42".into()),
-                file: "mysql-bin.000001".into(),
-                pos: 4242,
+                file: Some("mysql-bin.000001".into()),
+                pos: Some(4242),
+                lsn: None,
                 commit_time: None,
             }),
             last_heartbeat_time: Some(at(hb).to_string()),

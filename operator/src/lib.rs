@@ -191,6 +191,6 @@ mod tests {
         }))
         .expect("minimal spec");
         assert_eq!(r.spec.replicas, 2);
-        assert_eq!(r.spec.mysql.outboxes[0].table, None);
+        assert_eq!(r.spec.mysql.as_ref().unwrap().outboxes[0].table, None);
     }
 }

@@ -39,6 +39,7 @@ pub struct ValidatedRelay {
 pub enum SecretUse {
     MysqlPassword,
     MysqlCa,
+    PostgresPassword,
     RedisPassword,
     RedisCa,
     /// A librdkafka property, e.g. `sasl.password`.
@@ -56,6 +57,7 @@ impl std::fmt::Display for SecretUse {
         match self {
             SecretUse::MysqlPassword => f.write_str("spec.mysql.passwordSecret"),
             SecretUse::MysqlCa => f.write_str("spec.mysql.tls.caSecret"),
+            SecretUse::PostgresPassword => f.write_str("spec.postgres.passwordSecret"),
             SecretUse::RedisPassword => f.write_str("spec.redis.passwordSecret"),
             SecretUse::RedisCa => f.write_str("spec.redis.caSecret"),
             SecretUse::KafkaProperty(p) => write!(f, "spec.kafka.secretProperties.{p}"),
@@ -87,47 +89,84 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
             format!("{} is not between 1 and 5", s.replicas),
         ));
     }
-    if s.mysql.outboxes.is_empty() && s.changes.is_none() {
-        return Err(err(
-            "mysql.outboxes",
-            "at least one outbox table (or spec.changes.tables) is required",
-        ));
-    }
+    let mut secrets = Vec::new();
+    let (section, outboxes) = match (&s.mysql, &s.postgres) {
+        (Some(m), None) => {
+            if m.outboxes.is_empty() && s.changes.is_none() {
+                return Err(err(
+                    "mysql.outboxes",
+                    "at least one outbox table (or spec.changes.tables) is required",
+                ));
+            }
+            secrets.push((
+                SecretUse::MysqlPassword,
+                checked_ref("mysql.passwordSecret", &m.password_secret)?,
+            ));
+            if let Some(tls) = &m.tls {
+                match (&tls.mode, &tls.ca_secret) {
+                    (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => {
+                        return Err(err(
+                            "mysql.tls.caSecret",
+                            "is required with mode verify-ca or verify-full",
+                        ))
+                    }
+                    (_, Some(ca)) => {
+                        secrets.push((SecretUse::MysqlCa, checked_ref("mysql.tls.caSecret", ca)?))
+                    }
+                    _ => {}
+                }
+            }
+            ("mysql", &m.outboxes)
+        }
+        (None, Some(p)) => {
+            if p.outboxes.is_empty() {
+                return Err(err(
+                    "postgres.outboxes",
+                    "at least one outbox table is required",
+                ));
+            }
+            if s.changes.is_some() {
+                return Err(err(
+                    "changes",
+                    "reads the MySQL binlog; with spec.postgres, relay outbox tables and messages",
+                ));
+            }
+            secrets.push((
+                SecretUse::PostgresPassword,
+                checked_ref("postgres.passwordSecret", &p.password_secret)?,
+            ));
+            ("postgres", &p.outboxes)
+        }
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "postgres",
+                "set exactly one database: spec.mysql or spec.postgres, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(err(
+                "mysql",
+                "a database is required: spec.mysql or spec.postgres",
+            ))
+        }
+    };
     if let Some(c) = &s.changes {
         validate_changes(c)?;
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (i, o) in s.mysql.outboxes.iter().enumerate() {
+    for (i, o) in outboxes.iter().enumerate() {
         let table = o.table.as_deref().unwrap_or("outbox");
         if o.database.is_empty() {
             return Err(err(
-                format!("mysql.outboxes[{i}].database"),
+                format!("{section}.outboxes[{i}].database"),
                 "must not be empty",
             ));
         }
         if !seen.insert((o.database.as_str(), table)) {
             return Err(err(
-                format!("mysql.outboxes[{i}]"),
+                format!("{section}.outboxes[{i}]"),
                 format!("{}.{table} is listed twice", o.database),
             ));
-        }
-    }
-    let mut secrets = vec![(
-        SecretUse::MysqlPassword,
-        checked_ref("mysql.passwordSecret", &s.mysql.password_secret)?,
-    )];
-    if let Some(tls) = &s.mysql.tls {
-        match (&tls.mode, &tls.ca_secret) {
-            (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => {
-                return Err(err(
-                    "mysql.tls.caSecret",
-                    "is required with mode verify-ca or verify-full",
-                ))
-            }
-            (_, Some(ca)) => {
-                secrets.push((SecretUse::MysqlCa, checked_ref("mysql.tls.caSecret", ca)?))
-            }
-            _ => {}
         }
     }
     if let Some(p) = &s.redis.password_secret {
@@ -159,7 +198,8 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
     Ok(ValidatedRelay {
         server_id: s
             .mysql
-            .server_id
+            .as_ref()
+            .and_then(|m| m.server_id)
             .unwrap_or_else(|| server_id_from_uid(&uid)),
         name,
         namespace,
@@ -474,7 +514,7 @@ heartbeatInterval: 5s
             "",
         ) + changes;
         let v = validate(&fixture(&only)).expect("changes without outboxes");
-        assert!(v.spec.mysql.outboxes.is_empty());
+        assert!(v.spec.mysql.as_ref().unwrap().outboxes.is_empty());
         for (bad, want) in [
             (
                 changes.replace("shop.trades: [insert, update]", "trades: [insert]"),

@@ -10,34 +10,20 @@ use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event, EventData, OptionalMetadataField, RowsEventData};
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, OptsBuilder, SslOpts};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::changes::{ChangeContext, ChangeTable};
 use crate::config::{Action, Config, MysqlConfig, OutboxConfig, TlsMode};
 use crate::metrics::Metrics;
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
-use crate::outbox::{BadRow, Mapper, Record, RowContext, TableMapping};
+use crate::outbox::{Mapper, RowContext, TableMapping};
 use crate::position::{
-    parse_mariadb_gtid_event, parse_mariadb_gtid_list_event, FilePos, Gtid, MariaGtid,
-    MariaGtidList, MysqlGtidSet, Position, StartFrom,
+    parse_mariadb_gtid_event, parse_mariadb_gtid_list_event, BinlogPosition, FilePos, Gtid,
+    MariaGtid, MariaGtidList, MysqlGtidSet, Position, StartFrom,
 };
 use crate::rows::RowLayout;
-
-/// Errors of the source. Transient ones are retried by reconnecting at the
-/// last commit; definite ones stop the relay with the message.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{0}")]
-    Definite(String),
-}
-
-impl SourceError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Transient(_))
-    }
-}
+use crate::source::{self, ServerLog, SourceError, SourceEvent};
 
 /// Classifies a driver error: server-side refusals are definite, I/O is not.
 fn classify(context: &str, e: mysql_async::Error) -> SourceError {
@@ -324,12 +310,12 @@ pub async fn resolve_start(
     conn: &mut Conn,
     info: &ServerInfo,
     start: &StartFrom,
-) -> Result<Position, SourceError> {
+) -> Result<BinlogPosition, SourceError> {
     match start {
         StartFrom::Latest => {
             let file = head(conn).await?;
             let gtid = current_gtid(conn, info).await?;
-            Ok(Position {
+            Ok(BinlogPosition {
                 gtid,
                 file,
                 commit_ts: 0,
@@ -341,7 +327,7 @@ pub async fn resolve_start(
                 SourceError::Definite("SHOW BINARY LOGS is empty: binary logging is off".into())
             })?;
             // Start by file; the GTID state is learned from the file's Gtid_list.
-            Ok(Position {
+            Ok(BinlogPosition {
                 gtid: None,
                 file: FilePos {
                     file: first.0.clone(),
@@ -350,7 +336,7 @@ pub async fn resolve_start(
                 commit_ts: 0,
             })
         }
-        StartFrom::Gtid(g) => Ok(Position {
+        StartFrom::Gtid(g) => Ok(BinlogPosition {
             gtid: Some(g.clone()),
             file: FilePos {
                 file: String::new(),
@@ -358,7 +344,7 @@ pub async fn resolve_start(
             },
             commit_ts: 0,
         }),
-        StartFrom::File(f) => Ok(Position {
+        StartFrom::File(f) => Ok(BinlogPosition {
             gtid: None,
             file: f.clone(),
             commit_ts: 0,
@@ -399,7 +385,7 @@ async fn current_gtid(conn: &mut Conn, info: &ServerInfo) -> Result<Option<Gtid>
 pub async fn check_resume_point(
     conn: &mut Conn,
     info: &ServerInfo,
-    pos: &Position,
+    pos: &BinlogPosition,
 ) -> Result<(), SourceError> {
     let recover = "To accept the gap, delete the stored checkpoint and set start_from \
                    (`earliest`, `latest`, `gtid:...`, `file:...`); to avoid it, restore the binlogs.";
@@ -455,21 +441,6 @@ pub async fn check_resume_point(
     }
 }
 
-/// What the source hands to the pipeline.
-#[derive(Debug)]
-pub enum SourceEvent {
-    /// An inserted outbox row, mapped or bad. `at` is `file:pos` of its
-    /// event; the strings are shared by the rows of an event or transaction.
-    Row {
-        table: Arc<str>,
-        result: Result<Record, BadRow>,
-        at: Arc<str>,
-        gtid: Option<Arc<str>>,
-    },
-    /// A transaction committed; resuming from `position` starts after it.
-    Commit { position: Position, rows: usize },
-}
-
 #[derive(Debug, Default)]
 struct Txn {
     /// Header text of the transaction's GTID (shared by its rows).
@@ -516,14 +487,14 @@ struct Reader {
 }
 
 /// Reads committed outbox rows; reconnects at the last commit on transient errors.
-pub struct Source {
+pub struct BinlogSource {
     cfg: Arc<Config>,
     info: ServerInfo,
     mappers: Vec<Mapper>,
     epoch: String,
     metrics: Metrics,
     /// Last commit read: where a reconnect resumes.
-    committed: Position,
+    committed: BinlogPosition,
     reader: Option<Reader>,
     out: VecDeque<SourceEvent>,
     /// Rows of the interrupted transaction already emitted before a reconnect:
@@ -539,14 +510,14 @@ pub struct Source {
 
 const IDLE_COMMIT_EVERY: Duration = Duration::from_millis(200);
 
-impl Source {
+impl BinlogSource {
     pub fn new(
         cfg: Arc<Config>,
         info: ServerInfo,
-        start: Position,
+        start: BinlogPosition,
         epoch: u64,
         metrics: Metrics,
-    ) -> Result<Source, SourceError> {
+    ) -> Result<BinlogSource, SourceError> {
         let max = cfg.max_message_bytes();
         let mappers = cfg
             .outboxes
@@ -554,7 +525,7 @@ impl Source {
             .map(|o| Mapper::new(o, max))
             .collect::<Result<Vec<_>, _>>()
             .map_err(SourceError::Definite)?;
-        Ok(Source {
+        Ok(BinlogSource {
             cfg,
             info,
             mappers,
@@ -570,14 +541,9 @@ impl Source {
         })
     }
 
-    /// The last commit read.
-    pub fn committed(&self) -> &Position {
-        &self.committed
-    }
-
     /// The next event. Transient errors reconnect with backoff (forever,
     /// logging the outage's start and end); definite errors are returned.
-    pub async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+    async fn read(&mut self) -> Result<SourceEvent, SourceError> {
         let mut backoff = RETRY_FIRST;
         loop {
             if let Some(ev) = self.out.pop_front() {
@@ -634,8 +600,9 @@ impl Source {
     }
 
     async fn open(&mut self) -> Result<Reader, SourceError> {
-        let mut conn = connect(&self.cfg.mysql).await?;
-        let heartbeat_ns = self.cfg.mysql.heartbeat.as_nanos().min(u64::MAX as u128) as u64;
+        let mysql = mysql(&self.cfg)?;
+        let mut conn = connect(mysql).await?;
+        let heartbeat_ns = mysql.heartbeat.as_nanos().min(u64::MAX as u128) as u64;
         let mut setup = vec![format!("SET @master_heartbeat_period = {heartbeat_ns}")];
         let pos = &self.committed;
         let mariadb_gtid = match (&pos.gtid, self.info.flavor) {
@@ -700,7 +667,7 @@ impl Source {
 
     /// Reads one binlog event and queues what it produced.
     async fn step(&mut self) -> Result<(), SourceError> {
-        let timeout = self.cfg.mysql.heartbeat * 3;
+        let timeout = mysql(&self.cfg)?.heartbeat * 3;
         let reader = self.reader.as_mut().expect("reader is open");
         let ev = match tokio::time::timeout(timeout, reader.stream.next()).await {
             Err(_) => {
@@ -789,7 +756,7 @@ impl Source {
                 self.unreported_commit = false;
                 self.last_idle_commit = Instant::now();
                 self.out.push_back(SourceEvent::Commit {
-                    position: self.committed.clone(),
+                    position: Position::Binlog(self.committed.clone()),
                     rows: 0,
                 });
             }
@@ -995,7 +962,8 @@ impl Source {
                 after,
                 RowContext {
                     gtid: ctx_gtid.as_deref(),
-                    binlog: &at,
+                    at: &at,
+                    at_header: crate::outbox::header::BINLOG,
                     epoch: &self.epoch,
                 },
             );
@@ -1069,7 +1037,8 @@ impl Source {
                     id: &id,
                     at: RowContext {
                         gtid: gtid.as_deref(),
-                        binlog: &at,
+                        at: &at,
+                        at_header: crate::outbox::header::BINLOG,
                         epoch: &self.epoch,
                     },
                     time,
@@ -1110,7 +1079,7 @@ impl Source {
             return;
         }
         self.replay_skip = 0;
-        self.committed = Position {
+        self.committed = BinlogPosition {
             gtid: reader.gtid.clone(),
             file: FilePos {
                 file: reader.file.clone(),
@@ -1122,13 +1091,85 @@ impl Source {
             self.last_idle_commit = Instant::now();
             self.unreported_commit = false;
             self.out.push_back(SourceEvent::Commit {
-                position: self.committed.clone(),
+                position: Position::Binlog(self.committed.clone()),
                 rows: txn.rows,
             });
         } else {
             self.unreported_commit = true;
         }
     }
+}
+
+impl source::Source for BinlogSource {
+    type Opened = (Conn, ServerInfo);
+    type HeadConn = Conn;
+    const NAME: &'static str = "mysql";
+
+    async fn open(cfg: &Config) -> Result<(Conn, ServerInfo), SourceError> {
+        let mut conn = connect(mysql(cfg)?).await?;
+        let info = preflight(&mut conn, cfg).await?;
+        info!(server = %info.version, gtid = info.gtid, "preflight passed");
+        Ok((conn, info))
+    }
+
+    async fn begin(
+        cfg: Arc<Config>,
+        (mut conn, info): (Conn, ServerInfo),
+        stored: Option<Position>,
+        epoch: u64,
+        metrics: Metrics,
+        // The server keeps its binlogs by its own expiry, not by readers.
+        _durable: watch::Receiver<Option<Position>>,
+    ) -> Result<(BinlogSource, Position), SourceError> {
+        let start = match stored {
+            Some(Position::Binlog(p)) => p,
+            Some(other) => {
+                return Err(SourceError::Definite(format!(
+                    "the stored checkpoint is a PostgreSQL position ({}), and this relay reads \
+                     MySQL: relays of different databases need different names",
+                    other.short()
+                )))
+            }
+            None => {
+                let p = resolve_start(&mut conn, &info, &cfg.start_from).await?;
+                info!(start_from = %cfg.start_from, position = %p.short(), file = %p.file, "no checkpoint stored; starting");
+                p
+            }
+        };
+        check_resume_point(&mut conn, &info, &start).await?;
+        drop(conn);
+        let position = Position::Binlog(start.clone());
+        Ok((
+            BinlogSource::new(cfg, info, start, epoch, metrics)?,
+            position,
+        ))
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        self.read().await
+    }
+
+    async fn poll_head(cfg: &Config, conn: &mut Option<Conn>) -> Result<ServerLog, SourceError> {
+        if conn.is_none() {
+            *conn = Some(connect(mysql(cfg)?).await?);
+        }
+        let c = conn.as_mut().expect("connected above");
+        match binary_logs(c).await {
+            Ok(logs) => Ok(ServerLog::Binlog(logs)),
+            Err(e) => {
+                *conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The `[mysql]` section (present when this source runs: the config's
+/// validation demands exactly one database).
+fn mysql(cfg: &Config) -> Result<&MysqlConfig, SourceError> {
+    cfg.mysql
+        .as_ref()
+        .ok_or_else(|| SourceError::Definite("[mysql] is not configured".into()))
 }
 
 fn kind(k: &str) -> Vec<(String, String)> {

@@ -78,7 +78,11 @@ pub struct Config {
     /// or a Redis outage, larger lets a drain keep more in flight.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    pub mysql: MysqlConfig,
+    /// The database: exactly one of `[mysql]` and `[postgres]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<MysqlConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConfig>,
     #[serde(rename = "outbox", default)]
     pub outboxes: Vec<OutboxConfig>,
     /// Change events from plain tables (inserts, updates, deletes).
@@ -239,6 +243,93 @@ pub struct MysqlConfig {
     pub password: Secret,
 }
 
+/// A PostgreSQL source: logical replication with the built-in `pgoutput`
+/// plugin through a slot and a publication of the outbox tables.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub host: String,
+    #[serde(default = "default_postgres_port")]
+    pub port: u16,
+    pub user: String,
+    /// The database holding the outbox tables (an outbox's `database` is
+    /// its schema under `[postgres]`; `schema` is accepted as its name).
+    pub database: String,
+    /// File holding the password (a mounted Secret). The environment variable
+    /// `OUTBOX_RELAY_POSTGRES_PASSWORD` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Logical replication slot. Default: `outbox_relay_<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Publication of the outbox tables. Default: `outbox_relay_<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
+    /// Create the slot and the publication when they are missing (else
+    /// preflight names the statements to run).
+    #[serde(default = "yes")]
+    pub create: bool,
+    /// `pg_logical_emit_message(true, prefix, json)` messages with this
+    /// prefix are outbox events too; "" relays no messages.
+    #[serde(default = "default_message_prefix")]
+    pub message_prefix: String,
+    /// Retained WAL (bytes) above which the status warns: an abandoned slot
+    /// keeps WAL until the disk fills.
+    #[serde(default = "default_max_retained_wal")]
+    pub max_retained_wal_bytes: u64,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(skip)]
+    pub password: Secret,
+}
+
+impl PostgresConfig {
+    pub fn slot(&self, relay: &str) -> String {
+        self.slot.clone().unwrap_or_else(|| default_pg_name(relay))
+    }
+    pub fn publication(&self, relay: &str) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| default_pg_name(relay))
+    }
+}
+
+/// `outbox_relay_<name>` with what PostgreSQL names may not hold as `_`.
+fn default_pg_name(relay: &str) -> String {
+    let clean: String = relay
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("outbox_relay_{clean}")
+}
+
+/// A PostgreSQL slot name: lower-case letters, digits and `_`, at most 63.
+fn is_slot_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn default_postgres_port() -> u16 {
+    5432
+}
+fn yes() -> bool {
+    true
+}
+fn default_message_prefix() -> String {
+    "outbox".into()
+}
+fn default_max_retained_wal() -> u64 {
+    1 << 30
+}
+
 fn default_mysql_port() -> u16 {
     3306
 }
@@ -276,6 +367,8 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
+    /// The database (MySQL) or schema (PostgreSQL) of the table.
+    #[serde(alias = "schema")]
     pub database: String,
     #[serde(default = "default_table")]
     pub table: String,
@@ -297,8 +390,10 @@ fn default_topic() -> String {
     "outbox.event.{aggregate_type}".into()
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+/// Column names of an outbox table: a table of names, or a preset:
+/// `columns = "debezium"` for the Debezium Outbox Event Router's defaults
+/// (`id`, `aggregatetype`, `aggregateid`, `type`, `payload`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Columns {
     pub id: String,
     pub aggregate_type: String,
@@ -308,6 +403,79 @@ pub struct Columns {
     /// JSON object column whose entries become record headers. Used when the
     /// table has it; set to "" to ignore such a column.
     pub headers: String,
+}
+
+/// The table form of `columns`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ColumnNames {
+    id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    payload: String,
+    headers: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        let c = Columns::default();
+        ColumnNames {
+            id: c.id,
+            aggregate_type: c.aggregate_type,
+            aggregate_id: c.aggregate_id,
+            event_type: c.event_type,
+            payload: c.payload,
+            headers: c.headers,
+        }
+    }
+}
+
+impl Columns {
+    /// The Debezium Outbox Event Router's default column names.
+    pub fn debezium() -> Columns {
+        Columns {
+            id: "id".into(),
+            aggregate_type: "aggregatetype".into(),
+            aggregate_id: "aggregateid".into(),
+            event_type: "type".into(),
+            payload: "payload".into(),
+            headers: String::new(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Columns {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Columns;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of column names, or the preset \"debezium\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Columns, E> {
+                match v {
+                    "debezium" => Ok(Columns::debezium()),
+                    "default" => Ok(Columns::default()),
+                    other => Err(E::custom(format!(
+                        "unknown column preset `{other}`: \"debezium\" or \"default\", or a table of names"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<Columns, A::Error> {
+                let n = ColumnNames::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(Columns {
+                    id: n.id,
+                    aggregate_type: n.aggregate_type,
+                    aggregate_id: n.aggregate_id,
+                    event_type: n.event_type,
+                    payload: n.payload,
+                    headers: n.headers,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl Default for Columns {
@@ -670,16 +838,41 @@ impl Config {
 
     fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        if let Some(v) = get("OUTBOX_RELAY_MYSQL_HOST") {
-            self.mysql.host = v;
+        let port = |k: &str, v: String| {
+            v.parse()
+                .map_err(|_| invalid(k, format!("`{v}` is not a port")))
+        };
+        if let Some(m) = &mut self.mysql {
+            if let Some(v) = get("OUTBOX_RELAY_MYSQL_HOST") {
+                m.host = v;
+            }
+            if let Some(v) = get("OUTBOX_RELAY_MYSQL_PORT") {
+                m.port = port("OUTBOX_RELAY_MYSQL_PORT", v)?;
+            }
+            if let Some(v) = get("OUTBOX_RELAY_MYSQL_USER") {
+                m.user = v;
+            }
+            m.password = secret_from(
+                "mysql.password",
+                get("OUTBOX_RELAY_MYSQL_PASSWORD"),
+                m.password_file.as_deref(),
+            )?;
         }
-        if let Some(v) = get("OUTBOX_RELAY_MYSQL_PORT") {
-            self.mysql.port = v
-                .parse()
-                .map_err(|_| invalid("OUTBOX_RELAY_MYSQL_PORT", format!("`{v}` is not a port")))?;
-        }
-        if let Some(v) = get("OUTBOX_RELAY_MYSQL_USER") {
-            self.mysql.user = v;
+        if let Some(p) = &mut self.postgres {
+            if let Some(v) = get("OUTBOX_RELAY_POSTGRES_HOST") {
+                p.host = v;
+            }
+            if let Some(v) = get("OUTBOX_RELAY_POSTGRES_PORT") {
+                p.port = port("OUTBOX_RELAY_POSTGRES_PORT", v)?;
+            }
+            if let Some(v) = get("OUTBOX_RELAY_POSTGRES_USER") {
+                p.user = v;
+            }
+            p.password = secret_from(
+                "postgres.password",
+                get("OUTBOX_RELAY_POSTGRES_PASSWORD"),
+                p.password_file.as_deref(),
+            )?;
         }
         if let (Some(v), Some(k)) = (get("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS"), &mut self.kafka) {
             k.bootstrap_servers = v;
@@ -703,11 +896,6 @@ impl Config {
         if let Some(v) = get("OUTBOX_RELAY_LOG_LEVEL") {
             self.log.level = v;
         }
-        self.mysql.password = secret_from(
-            "mysql.password",
-            get("OUTBOX_RELAY_MYSQL_PASSWORD"),
-            self.mysql.password_file.as_deref(),
-        )?;
         self.redis.password = secret_from(
             "redis.password",
             get("OUTBOX_RELAY_REDIS_PASSWORD"),
@@ -741,26 +929,30 @@ impl Config {
         if self.epoch == 0 {
             return Err(invalid("epoch", "must be at least 1"));
         }
-        if self.mysql.host.is_empty() {
-            return Err(invalid("mysql.host", "must not be empty"));
-        }
-        if self.mysql.user.is_empty() {
-            return Err(invalid("mysql.user", "must not be empty"));
-        }
-        if self.mysql.server_id == Some(0) {
-            return Err(invalid("mysql.server_id", "must not be 0"));
-        }
-        if self.mysql.heartbeat.is_zero() {
-            return Err(invalid("mysql.heartbeat", "must be greater than 0"));
-        }
-        if self.mysql.tls.mode != TlsMode::Disabled
-            && self.mysql.tls.mode != TlsMode::Require
-            && self.mysql.tls.ca_file.is_none()
-        {
-            return Err(invalid(
-                "mysql.tls.ca_file",
-                "required with mode verify-ca or verify-full",
-            ));
+        match (&self.mysql, &self.postgres) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "postgres",
+                    "[mysql] and [postgres] are both set: a relay reads one database",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "mysql",
+                    "a database is required: [mysql] or [postgres]",
+                ))
+            }
+            (Some(m), None) => m.validate()?,
+            (None, Some(p)) => {
+                p.validate(&self.name)?;
+                if self.changes.is_some() {
+                    return Err(invalid(
+                        "changes",
+                        "change events of plain tables are read from the MySQL binlog only; \
+                         with [postgres], relay outbox tables and messages",
+                    ));
+                }
+            }
         }
         if self.max_in_flight < 100 {
             return Err(invalid(
@@ -924,10 +1116,68 @@ impl Config {
     /// The binlog replica server id: configured, or a stable hash of `name`
     /// in 1_000_000..u32::MAX (away from the small ids people give servers).
     pub fn server_id(&self) -> u32 {
-        self.mysql.server_id.unwrap_or_else(|| {
-            let h = fnv1a(self.name.as_bytes());
-            1_000_000 + (h % (u32::MAX as u64 - 1_000_000)) as u32
-        })
+        self.mysql
+            .as_ref()
+            .and_then(|m| m.server_id)
+            .unwrap_or_else(|| {
+                let h = fnv1a(self.name.as_bytes());
+                1_000_000 + (h % (u32::MAX as u64 - 1_000_000)) as u32
+            })
+    }
+}
+
+impl MysqlConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.is_empty() {
+            return Err(invalid("mysql.host", "must not be empty"));
+        }
+        if self.user.is_empty() {
+            return Err(invalid("mysql.user", "must not be empty"));
+        }
+        if self.server_id == Some(0) {
+            return Err(invalid("mysql.server_id", "must not be 0"));
+        }
+        if self.heartbeat.is_zero() {
+            return Err(invalid("mysql.heartbeat", "must be greater than 0"));
+        }
+        if self.tls.mode != TlsMode::Disabled
+            && self.tls.mode != TlsMode::Require
+            && self.tls.ca_file.is_none()
+        {
+            return Err(invalid(
+                "mysql.tls.ca_file",
+                "required with mode verify-ca or verify-full",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PostgresConfig {
+    fn validate(&self, relay: &str) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("postgres.host", &self.host),
+            ("postgres.user", &self.user),
+            ("postgres.database", &self.database),
+        ] {
+            if v.is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        for (field, v) in [
+            ("postgres.slot", self.slot(relay)),
+            ("postgres.publication", self.publication(relay)),
+        ] {
+            if !is_slot_name(&v) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "`{v}` is not a valid name: lower-case letters, digits and `_`, at most 63"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1168,14 +1418,14 @@ url = "redis://127.0.0.1:6379/0"
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.epoch, 1);
         assert_eq!(c.start_from, StartFrom::Latest);
-        assert_eq!(c.mysql.port, 3306);
+        assert_eq!(c.mysql.as_ref().unwrap().port, 3306);
         assert_eq!(c.outboxes[0].table, "outbox");
         assert_eq!(c.outboxes[0].topic, "outbox.event.{aggregate_type}");
         assert_eq!(c.outboxes[0].columns, Columns::default());
         assert_eq!(c.bad_rows().0, BadRowPolicy::Stop);
         assert_eq!(c.redis.checkpoint_interval, Duration::from_millis(100));
         assert_eq!(c.max_in_flight, 20_000);
-        assert_eq!(c.mysql.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.mysql.as_ref().unwrap().heartbeat, Duration::from_secs(5));
         // Stable default server id, not the server's own small ids.
         assert_eq!(c.server_id(), parse(MINIMAL).unwrap().server_id());
         assert!(c.server_id() >= 1_000_000);
@@ -1287,7 +1537,7 @@ url = "redis://127.0.0.1:6379/0"
             ),
         ];
         let c = Config::from_toml(MINIMAL, Path::new("r.toml"), &env).unwrap();
-        assert_eq!(c.mysql.password.expose(), "s3cr3t");
+        assert_eq!(c.mysql.as_ref().unwrap().password.expose(), "s3cr3t");
         assert_eq!(
             c.kafka.as_ref().unwrap().secret_properties["sasl.password"].expose(),
             "k4fk4"

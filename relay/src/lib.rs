@@ -1,5 +1,6 @@
-//! outbox-relay: streams committed rows of MySQL outbox tables from the
-//! binlog to Kafka, in commit order per key, with its position in Redis.
+//! outbox-relay: streams committed rows of outbox tables — from the MySQL
+//! binlog or PostgreSQL logical replication — to Kafka or NATS JetStream, in
+//! commit order per key, with its position in Redis.
 //!
 //! Without the default `relay` feature only [`election`], [`keys`] and [`position`]
 //! are built: the operator uses them without linking the relay's clients.
@@ -27,12 +28,16 @@ pub mod outage;
 #[cfg(feature = "relay")]
 pub mod outbox;
 #[cfg(feature = "relay")]
+pub mod pg;
+#[cfg(feature = "relay")]
 pub mod pipeline;
 pub mod position;
 #[cfg(feature = "relay")]
 mod rows;
 #[cfg(feature = "relay")]
 pub mod sink;
+#[cfg(feature = "relay")]
+pub mod source;
 #[cfg(feature = "relay")]
 pub mod status;
 #[cfg(feature = "relay")]

@@ -6,9 +6,12 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use outbox_relay::binlog::BinlogSource;
 use outbox_relay::config::Config;
 use outbox_relay::metrics::Metrics;
-use outbox_relay::pipeline::{self, Health};
+use outbox_relay::pg::PgSource;
+use outbox_relay::pipeline::{self, Health, RelayError};
+use outbox_relay::source::Source;
 use outbox_relay::status::{Progress, Reporter};
 use outbox_relay::{http, telemetry};
 
@@ -57,7 +60,8 @@ fn apply_allocator_settings() {
     eprintln!("outbox-relay: running with mimalloc's default settings ({err})");
 }
 
-/// Streams committed outbox rows from the MySQL binlog to Kafka.
+/// Streams committed outbox rows from the MySQL binlog or PostgreSQL logical
+/// replication to Kafka or NATS JetStream.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -110,6 +114,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
     let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
     let reporter = Arc::new(Reporter::new(&cfg, progress.clone()).await);
+    let result = if cfg.postgres.is_some() {
+        relay::<PgSource>(cfg, metrics, health, progress, &reporter, &shutdown).await
+    } else {
+        relay::<BinlogSource>(cfg, metrics, health, progress, &reporter, &shutdown).await
+    };
+    signals.abort();
+    let _ = server.await;
+    result.map_err(anyhow::Error::from)
+}
+
+/// The pipeline and the status reporter over the configured database.
+async fn relay<S: Source>(
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    progress: Arc<Progress>,
+    reporter: &Arc<Reporter>,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
     let reporting = tokio::spawn({
         let (r, cfg, m, s) = (
             reporter.clone(),
@@ -117,18 +140,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             metrics.clone(),
             shutdown.clone(),
         );
-        async move { r.run(cfg, m, s).await }
+        async move { r.run::<S>(cfg, m, s).await }
     });
-    let result = pipeline::run(cfg, metrics, health, progress, shutdown.clone()).await;
+    let result = pipeline::run::<S>(cfg, metrics, health, progress, shutdown.clone()).await;
     if result.is_err() {
         // The last error reaches the OutboxRelay status before the exit.
         reporter.push_final().await;
     }
     shutdown.cancel();
     let _ = reporting.await;
-    signals.abort();
-    let _ = server.await;
-    result.map_err(anyhow::Error::from)
+    result
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

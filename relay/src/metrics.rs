@@ -42,8 +42,10 @@ pub struct Metrics {
     /// now − commit time of the last relayed transaction while behind; 0 when caught up.
     pub lag_seconds: Gauge<f64, AtomicU64>,
     pub epoch: Gauge,
-    /// Binlog bytes between the relayed position and the server's head.
+    /// Log bytes (binlog, WAL) between the relayed position and the server's head.
     pub lag_bytes: Gauge,
+    /// PostgreSQL: WAL bytes the server retains for the relay's slot.
+    pub retained_wal_bytes: Gauge,
     /// Seconds from reading a row in the binlog to Kafka's acknowledgement.
     pub ack_latency: Histogram,
     /// 1 while this process leads (streams), 0 as a standby.
@@ -83,6 +85,7 @@ impl Metrics {
             lag_seconds: Gauge::default(),
             epoch: Gauge::default(),
             lag_bytes: Gauge::default(),
+            retained_wal_bytes: Gauge::default(),
             ack_latency: Histogram::new(exponential_buckets(0.000_5, 1.5, 24)),
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
@@ -154,8 +157,13 @@ impl Metrics {
         );
         r.register(
             "lag_bytes",
-            "Binlog bytes between the relayed position and the server's head (polled)",
+            "Log bytes (binlog, WAL) between the relayed position and the server's head (polled)",
             m.lag_bytes.clone(),
+        );
+        r.register(
+            "retained_wal_bytes",
+            "PostgreSQL: WAL bytes the server retains for the relay's replication slot (polled)",
+            m.retained_wal_bytes.clone(),
         );
         r.register(
             "is_leader",

@@ -20,6 +20,8 @@ pub mod header {
     pub const GTID: &str = "outbox.gtid";
     /// `file:pos` of the binlog event that carried the row.
     pub const BINLOG: &str = "outbox.binlog";
+    /// WAL location (LSN) of the PostgreSQL transaction's commit.
+    pub const LSN: &str = "outbox.lsn";
     /// Leadership epoch of the relay that produced the record.
     pub const EPOCH: &str = "outbox.epoch";
     /// `database.table` the row came from (dead-letter records).
@@ -185,22 +187,41 @@ impl TableMapping {
     }
 }
 
-/// Where a row sits in the binlog, for headers and messages.
+/// Where a row sits in the server's log, for headers and messages.
 #[derive(Debug, Clone, Copy)]
 pub struct RowContext<'a> {
     pub gtid: Option<&'a str>,
-    pub binlog: &'a str,
+    /// `file:pos` in the binlog, or the LSN; its header name.
+    pub at: &'a str,
+    pub at_header: &'static str,
     pub epoch: &'a str,
 }
 
 impl RowContext<'_> {
-    /// The position headers every record carries: GTID, binlog, epoch.
+    /// The position headers every record carries: GTID, binlog or LSN, epoch.
     pub fn push_headers(&self, headers: &mut Headers) {
         if let Some(g) = self.gtid {
             headers.push((header::GTID.into(), g.as_bytes().to_vec()));
         }
-        headers.push((header::BINLOG.into(), self.binlog.as_bytes().to_vec()));
+        headers.push((self.at_header.into(), self.at.as_bytes().to_vec()));
         headers.push((header::EPOCH.into(), self.epoch.as_bytes().to_vec()));
+    }
+}
+
+/// A row the mapper takes columns out of (by index in the table's columns).
+pub trait OutboxRow {
+    /// The column as an id: integers in decimal, UUIDs in their text form.
+    fn take_id(&mut self, i: usize) -> Option<String>;
+    /// The column's bytes (NULL → None).
+    fn take_bytes(&mut self, i: usize) -> Option<Vec<u8>>;
+}
+
+impl OutboxRow for BinlogRow {
+    fn take_id(&mut self, i: usize) -> Option<String> {
+        self.take(i).and_then(|v| to_id(&v))
+    }
+    fn take_bytes(&mut self, i: usize) -> Option<Vec<u8>> {
+        self.take(i).and_then(to_bytes)
     }
 }
 
@@ -230,7 +251,7 @@ impl Mapper {
     pub fn map(
         &self,
         mapping: &TableMapping,
-        mut row: BinlogRow,
+        mut row: impl OutboxRow,
         ctx: RowContext<'_>,
     ) -> Result<Record, BadRow> {
         let cols = match &mapping.cols {
@@ -238,15 +259,15 @@ impl Mapper {
             Err(m) => {
                 return Err(BadRow {
                     reason: m.reason.clone(),
-                    id: m.id.and_then(|i| row.take(i)).and_then(|v| to_id(&v)),
-                    key: m.key.and_then(|i| row.take(i)).and_then(to_bytes),
-                    value: m.payload.and_then(|i| row.take(i)).and_then(to_bytes),
+                    id: m.id.and_then(|i| row.take_id(i)),
+                    key: m.key.and_then(|i| row.take_bytes(i)),
+                    value: m.payload.and_then(|i| row.take_bytes(i)),
                 })
             }
         };
-        let id = row.take(cols.id).and_then(|v| to_id(&v));
-        let key = row.take(cols.aggregate_id).and_then(|v| to_bytes(v));
-        let value = row.take(cols.payload).and_then(|v| to_bytes(v));
+        let id = row.take_id(cols.id);
+        let key = row.take_bytes(cols.aggregate_id);
+        let value = row.take_bytes(cols.payload);
         let bad = |reason: String, key: Option<Vec<u8>>, value: Option<Vec<u8>>| BadRow {
             reason,
             id: id.clone(),
@@ -263,8 +284,8 @@ impl Mapper {
                 value,
             ));
         };
-        let aggregate_type = row.take(cols.aggregate_type).and_then(|v| to_bytes(v));
-        let event_type = row.take(cols.event_type).and_then(|v| to_bytes(v));
+        let aggregate_type = row.take_bytes(cols.aggregate_type);
+        let event_type = row.take_bytes(cols.event_type);
         let aggregate_type = match aggregate_type.map(String::from_utf8) {
             Some(Ok(s)) => s,
             Some(Err(_)) => {
@@ -301,7 +322,7 @@ impl Mapper {
         }
         ctx.push_headers(&mut headers);
         if let Some(hc) = cols.headers {
-            if let Some(raw) = row.take(hc).and_then(|v| to_bytes(v)) {
+            if let Some(raw) = row.take_bytes(hc) {
                 match user_headers(&raw) {
                     Ok(h) => headers.extend(h),
                     Err(reason) => return Err(bad(reason, Some(key), value)),
@@ -563,7 +584,8 @@ mod tests {
 
     const CTX: RowContext<'static> = RowContext {
         gtid: Some("0-1-42"),
-        binlog: "mysql-bin.000001:1234",
+        at: "mysql-bin.000001:1234",
+        at_header: header::BINLOG,
         epoch: "3",
     };
 

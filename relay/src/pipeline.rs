@@ -1,5 +1,5 @@
-//! The relay's data path: binlog source → Kafka producer → acknowledgements
-//! in order → checkpoint in Redis at commit boundaries.
+//! The relay's data path: source (binlog, PostgreSQL) → sink (Kafka, NATS) →
+//! acknowledgements in order → checkpoint in Redis at commit boundaries.
 //!
 //! One task reads the binlog and queues records with the producer (pipelined
 //! across transactions); the acker task awaits deliveries in queue order, so
@@ -16,7 +16,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::binlog::{self, Source, SourceError, SourceEvent};
 use crate::checkpoint::{now_ms, CheckpointError, CheckpointStore};
 use crate::config::{BadRowPolicy, Config, ElectionMode};
 use crate::election::redis_lock::RedisLock;
@@ -27,6 +26,7 @@ use crate::outage::{next_backoff, Outage, SharedOutage, RETRY_FIRST};
 use crate::outbox::{BadRow, Record};
 use crate::position::Position;
 use crate::sink::{self, Delivery, Sent, SinkError};
+use crate::source::{Source, SourceError, SourceEvent};
 use crate::status::{Progress, Role};
 
 /// Why the relay stopped. Every variant is definite: transient failures are
@@ -114,16 +114,16 @@ const FINISH_TXN: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown` is cancelled (returns Ok after a final
 /// checkpoint) or a definite error stops it. With an election, the process
-/// first waits warm as a standby (MySQL preflight passed, Redis reachable)
-/// until it leads.
-pub async fn run(
+/// first waits warm as a standby (preflight passed, Redis reachable) until
+/// it leads.
+pub async fn run<S: Source>(
     cfg: Arc<Config>,
     metrics: Metrics,
     health: Arc<Health>,
     progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let outcome = run_relay(cfg, metrics, health.clone(), progress.clone(), shutdown).await;
+    let outcome = run_relay::<S>(cfg, metrics, health.clone(), progress.clone(), shutdown).await;
     // Every definite error — preflight, Redis refusing the relay, a bad row,
     // fencing — reaches the log, /healthz and the reported `lastError`.
     if let Err(e) = &outcome {
@@ -134,17 +134,16 @@ pub async fn run(
     outcome
 }
 
-async fn run_relay(
+async fn run_relay<S: Source>(
     cfg: Arc<Config>,
     metrics: Metrics,
     health: Arc<Health>,
     progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
+    let Some(opened) = open::<S>(&cfg, &shutdown).await? else {
         return Ok(());
     };
-    info!(server = %info.version, gtid = info.gtid, "preflight passed");
     let store = retry("redis", "connect to Redis", &shutdown, || {
         CheckpointStore::connect(&cfg.redis, &cfg.name)
     })
@@ -160,11 +159,11 @@ async fn run_relay(
     // held up by the producer's start (~0.5 s). If it cannot connect now, the
     // term connects (and reports why) when it begins.
     let mut warm = None;
-    let (lead, conn, info) = match &elector {
-        None => (Leadership::fixed(cfg.epoch), conn, info),
+    let (lead, opened) = match &elector {
+        None => (Leadership::fixed(cfg.epoch), opened),
         Some(el) => {
-            // A standby holds no binlog connection; it reconnects on taking over.
-            drop(conn);
+            // A standby holds no database connection; it reconnects on taking over.
+            drop(opened);
             warm = sink::connect(&cfg).await.ok();
             health.standby.store(true, Ordering::Relaxed);
             progress.set_role(Role::Standby);
@@ -174,11 +173,11 @@ async fn run_relay(
                 return Ok(());
             };
             metrics.leadership_changes.inc();
-            let Some((conn, info)) = open_mysql(&cfg, &shutdown).await? else {
+            let Some(opened) = open::<S>(&cfg, &shutdown).await? else {
                 el.release(&lead).await;
                 return Ok(());
             };
-            (lead, conn, info)
+            (lead, opened)
         }
     };
     metrics.is_leader.set(1);
@@ -199,7 +198,7 @@ async fn run_relay(
             Err(e) => return Err(e.into()),
         }
     }
-    let mut opened = Some((conn, info));
+    let mut opened = Some(opened);
     let sink_outage = Arc::new(SharedOutage::new(if cfg.nats.is_some() {
         "the NATS stream"
     } else {
@@ -207,23 +206,22 @@ async fn run_relay(
     }));
     let mut backoff = RETRY_FIRST;
     let outcome = loop {
-        let (conn, info) = match opened.take() {
+        let opened = match opened.take() {
             Some(c) => c,
-            None => match open_mysql(&cfg, &shutdown).await {
+            None => match open::<S>(&cfg, &shutdown).await {
                 Ok(Some(c)) => c,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             },
         };
-        match lead_term(
+        match lead_term::<S>(
             &cfg,
             &metrics,
             &health,
             &progress,
             &shutdown,
             &store,
-            conn,
-            info,
+            opened,
             &lead,
             &sink_outage,
             warm.take(),
@@ -264,20 +262,13 @@ fn leader_name(cfg: &Config) -> String {
         .unwrap_or_else(|| process_identity(None))
 }
 
-/// Connects to MySQL and runs the preflight checks (None on shutdown).
-async fn open_mysql(
+/// Connects to the database and runs the preflight checks (None on shutdown).
+async fn open<S: Source>(
     cfg: &Config,
     shutdown: &CancellationToken,
-) -> Result<Option<(mysql_async::Conn, binlog::ServerInfo)>, RelayError> {
-    let Some(mut conn) = retry("mysql", "connect to MySQL", shutdown, || {
-        binlog::connect(&cfg.mysql)
-    })
-    .await?
-    else {
-        return Ok(None);
-    };
-    let info = binlog::preflight(&mut conn, cfg).await?;
-    Ok(Some((conn, info)))
+) -> Result<Option<S::Opened>, RelayError> {
+    let what = format!("connect to {} and run the preflight checks", S::NAME);
+    Ok(retry(S::NAME, &what, shutdown, || S::open(cfg)).await?)
 }
 
 /// The configured election, or None for a single process.
@@ -320,15 +311,14 @@ async fn elector(cfg: &Config, store: &CheckpointStore) -> Result<Option<Elector
 /// One leadership term: fence the checkpoint with the term's epoch, resume
 /// from it and stream until shutdown, a definite error or the term's end.
 #[allow(clippy::too_many_arguments)]
-async fn lead_term(
+async fn lead_term<S: Source>(
     cfg: &Arc<Config>,
     metrics: &Metrics,
     health: &Health,
     progress: &Arc<Progress>,
     shutdown: &CancellationToken,
     store: &CheckpointStore,
-    mut conn: mysql_async::Conn,
-    info: binlog::ServerInfo,
+    opened: S::Opened,
     lead: &Arc<Leadership>,
     sink_outage: &Arc<SharedOutage>,
     warm: Option<Box<dyn sink::Sink>>,
@@ -344,25 +334,24 @@ async fn lead_term(
     else {
         return Ok(());
     };
-    let start = match stored.position {
-        Some(p) => {
-            // What was sent after this checkpoint by an earlier run that did
-            // not stop gracefully is sent again (at-least-once): its age
-            // bounds that tail.
-            let age = now_ms().saturating_sub(stored.updated_ms) as f64 / 1000.0;
-            metrics.resumed_checkpoint_age.set(age);
-            info!(position = %p.short(), file = %p.file, key = store.key(), epoch, checkpoint_age_seconds = age,
-                "resuming from the stored checkpoint; records an earlier run sent after it are sent again");
-            p
-        }
-        None => {
-            let p = binlog::resolve_start(&mut conn, &info, &cfg.start_from).await?;
-            info!(start_from = %cfg.start_from, position = %p.short(), file = %p.file, epoch, "no checkpoint stored; starting");
-            p
-        }
-    };
-    binlog::check_resume_point(&mut conn, &info, &start).await?;
-    drop(conn);
+    if let Some(p) = &stored.position {
+        // What was sent after this checkpoint by an earlier run that did
+        // not stop gracefully is sent again (at-least-once): its age
+        // bounds that tail.
+        let age = now_ms().saturating_sub(stored.updated_ms) as f64 / 1000.0;
+        metrics.resumed_checkpoint_age.set(age);
+        info!(position = %p.short(), at = %p.location(), key = store.key(), epoch, checkpoint_age_seconds = age,
+            "resuming from the stored checkpoint; records an earlier run sent after it are sent again");
+    }
+    let (mut source, start) = S::begin(
+        cfg.clone(),
+        opened,
+        stored.position,
+        epoch,
+        metrics.clone(),
+        progress.durable(),
+    )
+    .await?;
     progress.set_position(&start);
 
     let sink = match warm {
@@ -378,7 +367,6 @@ async fn lead_term(
             s
         }
     };
-    let mut source = Source::new(cfg.clone(), info, start, epoch, metrics.clone())?;
     let shutdown = shutdown.clone();
     let metrics = metrics.clone();
 
@@ -452,7 +440,7 @@ async fn lead_term(
         let item = match ev {
             SourceEvent::Commit { position, .. } => {
                 open_rows = 0;
-                progress.read_commit(position.commit_ts);
+                progress.read_commit(position.commit_ts());
                 Inflight::Commit(position)
             }
             SourceEvent::Row {
@@ -687,7 +675,7 @@ async fn ack_loop(
         .await?;
     }
     if let Some(p) = &acked {
-        info!(position = %p.short(), file = %p.file, "final checkpoint stored");
+        info!(position = %p.short(), at = %p.location(), "final checkpoint stored");
     }
     Ok(())
 }
@@ -699,7 +687,7 @@ fn update_checkpoint_age(metrics: &Metrics, acked: Option<&Position>, last_write
         .checkpoint_age
         .set(last_write.elapsed().as_secs_f64());
     if let Some(p) = acked {
-        metrics.checkpoint_commit_time.set(p.commit_ts as i64);
+        metrics.checkpoint_commit_time.set(p.commit_ts() as i64);
     }
 }
 
@@ -733,7 +721,7 @@ async fn write(
                 redis.recovered();
                 progress.set_position(pos);
                 metrics.checkpoints.inc();
-                metrics.checkpoint_offset.set(pos.file.pos as i64);
+                metrics.checkpoint_offset.set(pos.offset() as i64);
                 return Ok(());
             }
             Err(CheckpointError::Unavailable(e)) => {

@@ -325,11 +325,11 @@ impl FromStr for FilePos {
     }
 }
 
-/// A committed position: taken only at a transaction's commit, so resuming
-/// from it never starts inside a transaction. Both forms are kept; GTID is
-/// preferred to resume when present (it survives a primary failover).
+/// A committed binlog position: taken only at a transaction's commit, so
+/// resuming from it never starts inside a transaction. Both forms are kept;
+/// GTID is preferred to resume when present (it survives a primary failover).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
+pub struct BinlogPosition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gtid: Option<Gtid>,
     #[serde(flatten)]
@@ -340,12 +340,110 @@ pub struct Position {
     pub commit_ts: u32,
 }
 
-impl Position {
+impl BinlogPosition {
     /// Short human form: the GTID when there is one, else `file:pos`.
     pub fn short(&self) -> String {
         match &self.gtid {
             Some(g) if !g.is_empty() => g.to_string(),
             _ => self.file.to_string(),
+        }
+    }
+}
+
+/// A PostgreSQL WAL location (`XXXXXXXX/XXXXXXXX` in text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| perr("LSN", s, "expected XXXXXXXX/XXXXXXXX"))?;
+        let part =
+            |x: &str| u32::from_str_radix(x, 16).map_err(|_| perr("LSN", s, "not hexadecimal"));
+        Ok(Lsn((u64::from(part(hi)?) << 32) | u64::from(part(lo)?)))
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A committed PostgreSQL position: the end of a transaction's commit
+/// record. Resuming streams the transactions that commit after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LsnPosition {
+    pub lsn: Lsn,
+    /// Commit time (seconds since the epoch) of that transaction; 0 when unknown.
+    #[serde(default)]
+    pub commit_ts: u32,
+}
+
+/// Where a source stands: a committed position of whichever database it
+/// reads. Stored in the checkpoint as JSON (the two forms have distinct
+/// fields, so the checkpoints of earlier versions read as they were).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Position {
+    Binlog(BinlogPosition),
+    Lsn(LsnPosition),
+}
+
+impl Position {
+    /// Short human form: the GTID when there is one, else `file:pos`; the LSN.
+    pub fn short(&self) -> String {
+        match self {
+            Position::Binlog(b) => b.short(),
+            Position::Lsn(l) => l.lsn.to_string(),
+        }
+    }
+
+    /// Where in the server's log: `file:pos`, or the LSN.
+    pub fn location(&self) -> String {
+        match self {
+            Position::Binlog(b) => b.file.to_string(),
+            Position::Lsn(l) => l.lsn.to_string(),
+        }
+    }
+
+    /// The binlog position, when it is one.
+    pub fn binlog(&self) -> Option<&BinlogPosition> {
+        match self {
+            Position::Binlog(b) => Some(b),
+            Position::Lsn(_) => None,
+        }
+    }
+
+    /// Commit time (seconds since the epoch), 0 when unknown.
+    pub fn commit_ts(&self) -> u32 {
+        match self {
+            Position::Binlog(b) => b.commit_ts,
+            Position::Lsn(l) => l.commit_ts,
+        }
+    }
+
+    /// A number that grows along the log (the offset in the binlog file, the
+    /// LSN), for the checkpoint metric.
+    pub fn offset(&self) -> u64 {
+        match self {
+            Position::Binlog(b) => b.file.pos,
+            Position::Lsn(l) => l.lsn.0,
         }
     }
 }
@@ -548,7 +646,7 @@ mod tests {
 
     #[test]
     fn position_json_round_trip() {
-        let p = Position {
+        let b = BinlogPosition {
             gtid: Some(Gtid::parse("0-1-42").unwrap()),
             file: FilePos {
                 file: "mysql-bin.000002".into(),
@@ -556,6 +654,7 @@ mod tests {
             },
             commit_ts: 1_700_000_000,
         };
+        let p = Position::Binlog(b.clone());
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(
             j,
@@ -563,8 +662,24 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Position>(&j).unwrap(), p);
         assert_eq!(p.short(), "0-1-42");
-        let no_gtid = Position { gtid: None, ..p };
+        let no_gtid = Position::Binlog(BinlogPosition { gtid: None, ..b });
         assert_eq!(no_gtid.short(), "mysql-bin.000002:777");
+    }
+
+    #[test]
+    fn lsn_positions_round_trip_beside_binlog_ones() {
+        let p = Position::Lsn(LsnPosition {
+            lsn: "16/B374D848".parse().unwrap(),
+            commit_ts: 1_700_000_000,
+        });
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(j, r#"{"lsn":"16/B374D848","commit_ts":1700000000}"#);
+        assert_eq!(serde_json::from_str::<Position>(&j).unwrap(), p);
+        assert_eq!(p.short(), "16/B374D848");
+        assert_eq!(p.offset(), 0x16_B374_D848);
+        let e = "16-B3".parse::<Lsn>().unwrap_err();
+        assert!(e.to_string().contains("`16-B3`"), "{e}");
+        assert!("1/XYZ".parse::<Lsn>().is_err());
     }
 
     #[test]
@@ -689,9 +804,11 @@ mod tests {
                     1 => Some(Gtid::MariaDb(l)),
                     _ => Some(Gtid::MySql(set)),
                 };
-                let p = Position { gtid, file: FilePos { file, pos }, commit_ts };
-                let json = serde_json::to_string(&p).expect("json");
-                let back: Position = serde_json::from_str(&json).expect("parse back");
+                let p = BinlogPosition { gtid, file: FilePos { file, pos }, commit_ts };
+                let json = serde_json::to_string(&Position::Binlog(p.clone())).expect("json");
+                let Position::Binlog(back) = serde_json::from_str(&json).expect("parse back") else {
+                    panic!("a binlog position read back as another kind: {json}");
+                };
                 prop_assert_eq!(back.file, p.file);
                 prop_assert_eq!(back.commit_ts, p.commit_ts);
                 // An empty set prints as "" in either flavour; both mean "nothing yet".

@@ -15,10 +15,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::binlog;
 use crate::config::{Config, StatusConfig};
 use crate::metrics::Metrics;
-use crate::position::{FilePos, Position};
+use crate::position::Position;
+use crate::source::{Head, ServerLog, Source};
 
 /// The relay's field manager in the OutboxRelay status.
 pub const MANAGER: &str = "outbox-relay";
@@ -48,8 +48,14 @@ pub struct PositionReport {
     pub short: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gtid: Option<String>,
-    pub file: String,
-    pub pos: u64,
+    /// Binlog file and offset (MySQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pos: Option<u64>,
+    /// WAL location (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_time: Option<String>,
 }
@@ -60,9 +66,19 @@ pub struct LagReport {
     /// now − commit time of the oldest transaction read but not yet
     /// acknowledged by Kafka; 0 when caught up.
     pub seconds: u64,
-    /// Binlog bytes between the relayed position and the server's head.
+    /// Log bytes (binlog, WAL) between the relayed position and the
+    /// server's head.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WalReport {
+    /// WAL the server keeps for the relay's replication slot.
+    pub retained_bytes: u64,
+    /// `postgres.max_retained_wal_bytes`: above it the status warns.
+    pub limit_bytes: u64,
 }
 
 /// One report. The fields other than `role` and `head` are what the leader
@@ -77,9 +93,12 @@ pub struct Report {
     pub position: Option<PositionReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagReport>,
+    /// PostgreSQL: the WAL the slot retains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalReport>,
     /// The server's head at the last poll.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub head: Option<FilePos>,
+    pub head: Option<Head>,
     /// Records and payload bytes acknowledged by Kafka since this process started.
     pub events: u64,
     pub bytes: u64,
@@ -105,8 +124,10 @@ struct State {
     events: u64,
     bytes: u64,
     last_error: Option<String>,
-    /// `SHOW BINARY LOGS` at the last poll.
-    logs: Option<Vec<(String, u64)>>,
+    /// `postgres.max_retained_wal_bytes`.
+    wal_limit: Option<u64>,
+    /// The server's log at the last poll.
+    logs: Option<ServerLog>,
     latest: Option<Report>,
 }
 
@@ -114,6 +135,8 @@ struct State {
 #[derive(Default)]
 pub struct Progress {
     state: Mutex<State>,
+    /// The last position stored in the checkpoint, for the source.
+    durable: tokio::sync::watch::Sender<Option<Position>>,
     /// Commit times of transactions read but not yet acknowledged, oldest first.
     pending: Mutex<Pending>,
     changed: Notify,
@@ -150,9 +173,16 @@ impl Progress {
         self.changed.notify_one();
     }
 
-    /// The last position acknowledged by Kafka.
+    /// The last position stored in the checkpoint (every record before it
+    /// acknowledged by the sink).
     pub fn set_position(&self, p: &Position) {
         self.state.lock().expect("status lock").position = Some(p.clone());
+        self.durable.send_replace(Some(p.clone()));
+    }
+
+    /// Follows `set_position`.
+    pub fn durable(&self) -> tokio::sync::watch::Receiver<Option<Position>> {
+        self.durable.subscribe()
     }
 
     pub fn add_published(&self, events: u64, bytes: u64) {
@@ -208,29 +238,24 @@ impl Progress {
     pub fn snapshot(&self) -> Report {
         let lag_seconds = self.lag_seconds();
         let s = self.state.lock().expect("status lock");
-        let behind = |p: &Position| s.logs.as_ref().map(|l| bytes_behind(l, &p.file));
         Report {
             role: s.role,
             leader: s.leader.clone(),
-            position: s.position.as_ref().map(|p| PositionReport {
-                short: p.short(),
-                gtid: p.gtid.as_ref().map(|g| g.to_string()),
-                file: p.file.file.clone(),
-                pos: p.file.pos,
-                commit_time: (p.commit_ts > 0).then(|| rfc3339(p.commit_ts as u64)),
-            }),
+            position: s.position.as_ref().map(position_report),
             lag: s.position.as_ref().map(|p| LagReport {
                 seconds: lag_seconds,
-                bytes: behind(p),
+                bytes: s.logs.as_ref().and_then(|l| l.behind(p)),
             }),
-            head: s
+            wal: s
                 .logs
                 .as_ref()
-                .and_then(|l| l.last())
-                .map(|(f, size)| FilePos {
-                    file: f.clone(),
-                    pos: *size,
+                .and_then(ServerLog::retained)
+                .zip(s.wal_limit)
+                .map(|(retained_bytes, limit_bytes)| WalReport {
+                    retained_bytes,
+                    limit_bytes,
                 }),
+            head: s.logs.as_ref().and_then(ServerLog::head),
             events: s.events,
             bytes: s.bytes,
             last_heartbeat_time: rfc3339(now_secs()),
@@ -251,14 +276,25 @@ impl Progress {
     }
 }
 
-/// Binlog bytes from `at` to the head, given `SHOW BINARY LOGS` (name, size):
-/// the rest of `at`'s file plus every later file.
-pub fn bytes_behind(logs: &[(String, u64)], at: &FilePos) -> u64 {
-    logs.iter()
-        .filter(|(name, _)| name.as_str() >= at.file.as_str())
-        .map(|(_, size)| *size)
-        .sum::<u64>()
-        .saturating_sub(at.pos)
+fn position_report(p: &Position) -> PositionReport {
+    let (gtid, file, pos, lsn) = match p {
+        Position::Binlog(b) => (
+            b.gtid.as_ref().map(|g| g.to_string()),
+            Some(b.file.file.clone()),
+            Some(b.file.pos),
+            None,
+        ),
+        Position::Lsn(l) => (None, None, None, Some(l.lsn.to_string())),
+    };
+    let ts = p.commit_ts();
+    PositionReport {
+        short: p.short(),
+        gtid,
+        file,
+        pos,
+        lsn,
+        commit_time: (ts > 0).then(|| rfc3339(ts as u64)),
+    }
 }
 
 /// Polls the server's head, refreshes the report every `interval` (and at
@@ -283,16 +319,31 @@ impl Reporter {
         }
     }
 
-    pub async fn run(&self, cfg: Arc<Config>, metrics: Metrics, shutdown: CancellationToken) {
+    pub async fn run<S: Source>(
+        &self,
+        cfg: Arc<Config>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) {
         let mut conn = None;
+        self.progress.state.lock().expect("status lock").wal_limit =
+            cfg.postgres.as_ref().map(|p| p.max_retained_wal_bytes);
         loop {
-            self.poll_head(&cfg, &mut conn).await;
+            match S::poll_head(&cfg, &mut conn).await {
+                Ok(log) => self.progress.state.lock().expect("status lock").logs = Some(log),
+                Err(e) => {
+                    debug!(error = %e, "cannot poll the server's log head; reconnecting next time")
+                }
+            }
             let report = self.progress.snapshot();
             metrics
                 .lag_seconds
                 .set(report.lag.as_ref().map_or(0, |l| l.seconds) as f64);
             if let Some(b) = report.lag.as_ref().and_then(|l| l.bytes) {
                 metrics.lag_bytes.set(b as i64);
+            }
+            if let Some(w) = &report.wal {
+                metrics.retained_wal_bytes.set(w.retained_bytes as i64);
             }
             if report.role == Role::Leader {
                 self.push(&report).await;
@@ -302,20 +353,6 @@ impl Reporter {
                 _ = shutdown.cancelled() => return,
                 _ = self.progress.changed.notified() => {}
                 _ = tokio::time::sleep(cfg.status.interval) => {}
-            }
-        }
-    }
-
-    async fn poll_head(&self, cfg: &Config, conn: &mut Option<mysql_async::Conn>) {
-        if conn.is_none() {
-            *conn = binlog::connect(&cfg.mysql).await.ok();
-        }
-        let Some(c) = conn.as_mut() else { return };
-        match binlog::binary_logs(c).await {
-            Ok(logs) => self.progress.state.lock().expect("status lock").logs = Some(logs),
-            Err(e) => {
-                debug!(error = %e, "cannot poll the binlog head; reconnecting next time");
-                *conn = None;
             }
         }
     }
@@ -375,23 +412,6 @@ async fn kube_target(cfg: &StatusConfig) -> Option<Api<DynamicObject>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_behind_spans_files() {
-        let logs = vec![
-            ("mysql-bin.000001".to_string(), 1_000),
-            ("mysql-bin.000002".to_string(), 500),
-            ("mysql-bin.000003".to_string(), 300),
-        ];
-        let at = |f: &str, pos| FilePos {
-            file: f.into(),
-            pos,
-        };
-        assert_eq!(bytes_behind(&logs, &at("mysql-bin.000003", 300)), 0);
-        assert_eq!(bytes_behind(&logs, &at("mysql-bin.000003", 100)), 200);
-        assert_eq!(bytes_behind(&logs, &at("mysql-bin.000002", 400)), 100 + 300);
-        assert_eq!(bytes_behind(&logs, &at("mysql-bin.000001", 0)), 1_800);
-    }
 
     #[test]
     fn status_fields_leave_out_local_ones() {

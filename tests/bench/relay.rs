@@ -25,13 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use outbox_relay::binlog::{self, SourceEvent};
+use outbox_relay::binlog::{self, BinlogSource};
 use outbox_relay::config::Config;
 use outbox_relay::kafka::KafkaSink;
 use outbox_relay::metrics::Metrics;
 use outbox_relay::outbox::Record;
 use outbox_relay::position::StartFrom;
 use outbox_relay::sink::{Sent, Sink};
+use outbox_relay::source::{Source, SourceEvent};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 
@@ -254,13 +255,15 @@ async fn drain_once(rows: usize) -> Drain {
         )
         .expect("config"),
     );
-    let mut conn = binlog::connect(&cfg.mysql).await.expect("connect");
+    let mut conn = binlog::connect(cfg.mysql.as_ref().expect("[mysql]"))
+        .await
+        .expect("connect");
     let info = binlog::preflight(&mut conn, &cfg).await.expect("preflight");
     let from: StartFrom = start.parse().expect("start");
     let at = binlog::resolve_start(&mut conn, &info, &from)
         .await
         .expect("start");
-    let mut source = binlog::Source::new(cfg.clone(), info, at, 1, Metrics::new()).expect("source");
+    let mut source = BinlogSource::new(cfg.clone(), info, at, 1, Metrics::new()).expect("source");
     let t = Instant::now();
     let mut records: Vec<Record> = Vec::with_capacity(rows);
     while records.len() < rows {
@@ -460,15 +463,17 @@ async fn latency(rate: u64, secs: u64) -> Latency {
         .expect("config");
         // A replica id of its own: the server drops an older connection
         // with the same id (the relay's).
-        cfg.mysql.server_id = Some(4_000_000_001);
+        cfg.mysql.as_mut().expect("[mysql]").server_id = Some(4_000_000_001);
         let cfg = Arc::new(cfg);
         tokio::spawn(async move {
-            let mut conn = binlog::connect(&cfg.mysql).await.expect("connect");
+            let mut conn = binlog::connect(cfg.mysql.as_ref().expect("[mysql]"))
+                .await
+                .expect("connect");
             let info = binlog::preflight(&mut conn, &cfg).await.expect("preflight");
             let at = binlog::resolve_start(&mut conn, &info, &start)
                 .await
                 .expect("start");
-            let mut source = binlog::Source::new(cfg, info, at, 1, Metrics::new()).expect("source");
+            let mut source = BinlogSource::new(cfg, info, at, 1, Metrics::new()).expect("source");
             let mut seen = Vec::with_capacity(phase1);
             while seen.len() < phase1 {
                 if let SourceEvent::Row { result: Ok(r), .. } = source.next().await.expect("binlog")

@@ -11,6 +11,7 @@ mod kubelet;
 mod nats;
 mod operator;
 mod outages;
+mod postgres;
 mod relay;
 mod security;
 mod status;

@@ -37,7 +37,10 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
                 panic!("{name}: the relay refuses the rendered config: {e}\n{toml}")
             });
         assert_eq!(cfg.server_id(), v.server_id);
-        assert_eq!(cfg.mysql.password.expose(), "from-a-secret");
+        assert_eq!(
+            cfg.mysql.as_ref().expect("[mysql]").password.expose(),
+            "from-a-secret"
+        );
         assert_eq!(cfg.outboxes.len(), v.spec.mysql.outboxes.len());
         assert_eq!(cfg.kafka.is_some(), v.spec.kafka.is_some(), "{name}");
         assert_eq!(cfg.changes.is_some(), v.spec.changes.is_some(), "{name}");
@@ -184,19 +187,19 @@ async fn delete_policy_removes_exactly_the_relays_keys_from_redis() {
 #[test]
 fn relay_status_fields_fit_the_crd_and_stay_off_the_operators() {
     use outbox_operator::crd::OutboxRelayStatus;
-    use outbox_relay::position::{FilePos, Position};
+    use outbox_relay::position::{BinlogPosition, FilePos, Position};
     use outbox_relay::status::{status_fields, Progress};
 
     let p = Progress::default();
     p.set_leader("orders-relay-0", 9);
-    p.set_position(&Position {
+    p.set_position(&Position::Binlog(BinlogPosition {
         gtid: None,
         file: FilePos {
             file: "mysql-bin.000003".into(),
             pos: 1234,
         },
         commit_ts: 1_800_000_000,
-    });
+    }));
     p.add_published(10, 999);
     p.set_error("bad outbox row id=7");
     let fields = status_fields(&p.snapshot());

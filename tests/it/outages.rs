@@ -154,7 +154,8 @@ async fn redis_restart_outage_and_crash_lose_nothing() {
     let writing = steady_writer(f.db.clone(), stop.clone(), 3, 40, Duration::from_millis(10));
     relay.wait_events(300).await;
     let stored = || async { checkpoint_at(&url, &f.name).await.map(|c| c.1) };
-    let later = |p: &outbox_relay::position::Position, than: &outbox_relay::position::Position| {
+    let later = |p: &outbox_relay::position::BinlogPosition,
+                 than: &outbox_relay::position::BinlogPosition| {
         (&p.file.file, p.file.pos) > (&than.file.file, than.file.pos)
     };
 

@@ -333,7 +333,7 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
     let mut moved = pos.clone();
     moved.file.pos += 1000;
     let e = store
-        .save(3, &moved)
+        .save(3, &outbox_relay::position::Position::Binlog(moved.clone()))
         .await
         .expect_err("stale write refused");
     assert!(
@@ -342,7 +342,10 @@ async fn stale_epoch_cannot_move_the_checkpoint() {
         "{e}"
     );
     assert_eq!(checkpoint(name).await, Some((5, pos)));
-    store.save(6, &moved).await.expect("newer epoch writes");
+    store
+        .save(6, &outbox_relay::position::Position::Binlog(moved.clone()))
+        .await
+        .expect("newer epoch writes");
     assert_eq!(checkpoint(name).await.map(|c| c.0), Some(6));
 }
 

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use outbox_relay::position::Position;
+use outbox_relay::position::BinlogPosition;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -787,13 +787,21 @@ fn read_blocking(broker: &str, topics: &[String], at_least: usize, within: Durat
 }
 
 /// The stored checkpoint of relay `name` (key prefix `test:`).
-pub async fn checkpoint(name: &str) -> Option<(u64, Position)> {
+pub async fn checkpoint(name: &str) -> Option<(u64, BinlogPosition)> {
     checkpoint_at(redis_url(), name).await
 }
 
 /// `checkpoint` in the Redis at `url` (waiting out a restarted server's
 /// loading of its dataset).
-pub async fn checkpoint_at(url: &str, name: &str) -> Option<(u64, Position)> {
+pub async fn checkpoint_at(url: &str, name: &str) -> Option<(u64, BinlogPosition)> {
+    checkpoint_as(url, name).await
+}
+
+/// The checkpoint of relay `name`, as whichever position type the test reads.
+pub async fn checkpoint_as<P: serde::de::DeserializeOwned>(
+    url: &str,
+    name: &str,
+) -> Option<(u64, P)> {
     let client = redis::Client::open(url).expect("redis url");
     let mut c = client
         .get_multiplexed_async_connection()
@@ -840,7 +848,7 @@ pub async fn wait_checkpoint_at_head(
     name: &str,
     db: &TestDb,
     within: Duration,
-) -> Position {
+) -> BinlogPosition {
     let head = db.head().await;
     wait_for("the checkpoint at the binlog head", within, || async {
         checkpoint_at(url, name)

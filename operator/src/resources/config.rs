@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Serialize;
 
 use crate::cleanup::relay_name;
-use crate::crd::{BadRowPolicy, ChangeAction, TlsMode};
+use crate::crd::{BadRowPolicy, ChangeAction, ColumnPreset, OutboxTable, TlsMode};
 use crate::resources::child_meta;
 use crate::resources::rbac::lease_name;
 use crate::validate::{SecretUse, ValidatedRelay};
@@ -32,7 +32,10 @@ struct File<'a> {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     start_from: Option<&'a str>,
-    mysql: Mysql<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mysql: Option<Mysql<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<Postgres<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     outbox: Vec<Outbox<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,6 +62,24 @@ struct Mysql<'a> {
 }
 
 #[derive(Serialize)]
+struct Postgres<'a> {
+    host: &'a str,
+    port: i32,
+    database: &'a str,
+    user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publication: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    create: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_prefix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_retained_wal_bytes: Option<i64>,
+}
+
+#[derive(Serialize)]
 struct Tls {
     mode: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,12 +91,20 @@ struct Outbox<'a> {
     database: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     table: Option<&'a str>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    columns: BTreeMap<&'static str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    columns: Option<OutboxColumns<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     topic_map: Option<&'a BTreeMap<String, String>>,
+}
+
+/// A table of column names, or a preset's name.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutboxColumns<'a> {
+    Names(BTreeMap<&'static str, &'a str>),
+    Preset(&'static str),
 }
 
 #[derive(Serialize)]
@@ -167,6 +196,36 @@ struct Log<'a> {
     format: &'static str,
 }
 
+fn outbox(o: &OutboxTable) -> Outbox<'_> {
+    let columns = match (&o.columns, o.column_preset) {
+        (_, Some(ColumnPreset::Debezium)) => Some(OutboxColumns::Preset("debezium")),
+        (Some(c), None) => {
+            let mut names = BTreeMap::new();
+            for (k, v) in [
+                ("id", &c.id),
+                ("aggregate_type", &c.aggregate_type),
+                ("aggregate_id", &c.aggregate_id),
+                ("event_type", &c.event_type),
+                ("payload", &c.payload),
+                ("headers", &c.headers),
+            ] {
+                if let Some(v) = v {
+                    names.insert(k, v.as_str());
+                }
+            }
+            (!names.is_empty()).then_some(OutboxColumns::Names(names))
+        }
+        (None, None) => None,
+    };
+    Outbox {
+        database: &o.database,
+        table: o.table.as_deref(),
+        columns,
+        topic: o.topic.as_deref(),
+        topic_map: o.topic_map.as_ref(),
+    }
+}
+
 /// The relay config file for `r`.
 pub fn relay_toml(r: &ValidatedRelay) -> String {
     let s = &r.spec;
@@ -181,12 +240,12 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
         // Unique per namespace: keys the checkpoint in a shared Redis.
         name: relay_name(&r.namespace, &r.name),
         start_from: s.start_from.as_deref(),
-        mysql: Mysql {
-            host: &s.mysql.host,
-            port: s.mysql.port.unwrap_or(3306),
-            user: &s.mysql.user,
+        mysql: s.mysql.as_ref().map(|m| Mysql {
+            host: &m.host,
+            port: m.port.unwrap_or(3306),
+            user: &m.user,
             server_id: r.server_id,
-            tls: s.mysql.tls.as_ref().map(|t| Tls {
+            tls: m.tls.as_ref().map(|t| Tls {
                 mode: match t.mode {
                     TlsMode::Disabled => "disabled",
                     TlsMode::Require => "require",
@@ -195,35 +254,26 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
                 },
                 ca_file: ca.clone(),
             }),
-        },
+        }),
+        postgres: s.postgres.as_ref().map(|p| Postgres {
+            host: &p.host,
+            port: p.port.unwrap_or(5432),
+            database: &p.database,
+            user: &p.user,
+            slot: p.slot.as_deref(),
+            publication: p.publication.as_deref(),
+            create: p.create,
+            message_prefix: p.message_prefix.as_deref(),
+            max_retained_wal_bytes: p.max_retained_wal_bytes,
+        }),
         outbox: s
             .mysql
-            .outboxes
-            .iter()
-            .map(|o| {
-                let mut columns = BTreeMap::new();
-                if let Some(c) = &o.columns {
-                    for (k, v) in [
-                        ("id", &c.id),
-                        ("aggregate_type", &c.aggregate_type),
-                        ("aggregate_id", &c.aggregate_id),
-                        ("event_type", &c.event_type),
-                        ("payload", &c.payload),
-                        ("headers", &c.headers),
-                    ] {
-                        if let Some(v) = v {
-                            columns.insert(k, v.as_str());
-                        }
-                    }
-                }
-                Outbox {
-                    database: &o.database,
-                    table: o.table.as_deref(),
-                    columns,
-                    topic: o.topic.as_deref(),
-                    topic_map: o.topic_map.as_ref(),
-                }
-            })
+            .as_ref()
+            .map(|m| &m.outboxes)
+            .or(s.postgres.as_ref().map(|p| &p.outboxes))
+            .into_iter()
+            .flatten()
+            .map(outbox)
             .collect(),
         changes: s.changes.as_ref().map(|c| Changes {
             topic_prefix: c.topic_prefix.as_deref(),

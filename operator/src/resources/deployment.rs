@@ -32,6 +32,7 @@ const RELAY_UID: i64 = 65532;
 pub fn env_name(use_: &SecretUse) -> Option<String> {
     match use_ {
         SecretUse::MysqlPassword => Some("OUTBOX_RELAY_MYSQL_PASSWORD".into()),
+        SecretUse::PostgresPassword => Some("OUTBOX_RELAY_POSTGRES_PASSWORD".into()),
         SecretUse::RedisPassword => Some("OUTBOX_RELAY_REDIS_PASSWORD".into()),
         SecretUse::KafkaProperty(p) => Some(format!(
             "OUTBOX_RELAY_KAFKA_{}",

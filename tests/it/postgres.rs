@@ -1,0 +1,340 @@
+//! The PostgreSQL source against a real PostgreSQL (wal_level=logical,
+//! started by scripts/services.sh), Redis and the broker: the built relay
+//! binary streams an outbox table and `pg_logical_emit_message` outbox
+//! events; SIGKILLs lose nothing; the slot confirms only checkpointed
+//! positions; wrong server settings and roles stop it with the fix.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_relay::position::LsnPosition;
+use tokio_postgres::{Client, NoTls};
+
+use crate::support::*;
+
+/// The shared PostgreSQL: `OUTBOX_PG_PORT`, default 5433.
+pub fn pg_port() -> u16 {
+    std::env::var("OUTBOX_PG_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5433)
+}
+
+async fn connect(port: u16, user: &str, password: &str, db: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}"),
+        NoTls,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect to PostgreSQL {port}/{db} as {user}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// A database of its own with a Debezium-shaped outbox table, owned by `app`.
+struct PgDb {
+    name: String,
+    port: u16,
+    app: Client,
+    /// Transactions written so far (numbers the messages' ids).
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl PgDb {
+    async fn new(prefix: &str, port: u16) -> PgDb {
+        services();
+        let name = format!("{prefix}_{}", unique());
+        let admin = connect(port, "app", "app-password", "postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let app = connect(port, "app", "app-password", &name).await;
+        app.batch_execute(
+            "CREATE TABLE outbox (
+                 id bigserial PRIMARY KEY,
+                 aggregatetype text NOT NULL,
+                 aggregateid text NOT NULL,
+                 type text NOT NULL,
+                 payload jsonb,
+                 created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL);",
+        )
+        .await
+        .expect("create tables");
+        PgDb {
+            name,
+            port,
+            app,
+            written: Default::default(),
+        }
+    }
+
+    /// One transaction: a user and its outbox row (the Debezium demo's
+    /// flow); every third also emits an outbox message.
+    async fn write(&self, n: u64) -> Vec<(u64, Option<String>)> {
+        let mut rows = Vec::new();
+        for _ in 0..n {
+            let i = self.written.fetch_add(1, Ordering::Relaxed);
+            let key = format!("user-{}", i % 7);
+            let sql = format!(
+                "BEGIN;
+                 INSERT INTO users (email) VALUES ('u{i}@example.com');
+                 INSERT INTO outbox (aggregatetype, aggregateid, type, payload)
+                   VALUES ('User', '{key}', 'UserCreated', '{{\"n\": {i}}}');
+                 {message}
+                 COMMIT;",
+                message = if i.is_multiple_of(3) {
+                    format!(
+                        "SELECT pg_logical_emit_message(true, 'outbox', json_build_object(
+                           'id', {mid}, 'aggregatetype', 'User', 'aggregateid', 'msg-{key}',
+                           'type', 'UserNotified', 'payload', json_build_object('n', {i}))::text);",
+                        mid = 1_000_000 + i
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            self.app.batch_execute(&sql).await.expect("write");
+            let id: i64 = self
+                .app
+                .query_one("SELECT max(id) FROM outbox", &[])
+                .await
+                .expect("id")
+                .get(0);
+            rows.push((id as u64, Some(key.clone())));
+            if i.is_multiple_of(3) {
+                rows.push((1_000_000 + i, Some(format!("msg-{key}"))));
+            }
+        }
+        rows
+    }
+
+    /// The slot's confirmed position.
+    async fn confirmed(&self, slot: &str) -> Option<String> {
+        self.app
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot")
+            .map(|r| r.get(0))
+    }
+
+    /// Drops the relay's slot and publication, then the database.
+    async fn drop_all(self, slot: &str) {
+        let _ = self
+            .app
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await;
+        drop(self.app);
+        let admin = connect(self.port, "app", "app-password", "postgres").await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+fn pg_toml(name: &str, db: &str, port: u16, topic: &str, http_port: u16) -> String {
+    format!(
+        r#"name = "{name}"
+
+[postgres]
+host = "127.0.0.1"
+port = {port}
+user = "relay"
+database = "{db}"
+
+[[outbox]]
+schema = "public"
+table = "outbox"
+columns = "debezium"
+topic = "{topic}"
+
+[kafka]
+bootstrap_servers = "{broker}"
+
+[redis]
+url = "{redis}"
+key_prefix = "test:"
+checkpoint_interval = "200ms"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+        broker = broker(),
+        redis = redis_url(),
+    )
+}
+
+fn start(dir: &Scratch, toml: &str, port: u16) -> Relay {
+    Relay::start(
+        &dir.0,
+        toml,
+        port,
+        &[("OUTBOX_RELAY_POSTGRES_PASSWORD", RELAY_PASSWORD)],
+    )
+}
+
+/// The Debezium demo's flow on PostgreSQL: outbox rows and outbox messages
+/// written with users in one transaction reach Kafka, every one by id and
+/// in order per key, through two SIGKILLs; the slot confirms only what the
+/// checkpoint holds; the status shows the LSN and the retained WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outbox_streams_through_sigkills() {
+    let port = pg_port();
+    let db = PgDb::new("pgout", port).await;
+    let dir = Scratch::new("pgout");
+    let topics = vec![format!("{}.User", db.name)];
+    create_topics(&topics, 3).await;
+    let name = format!("pg-{}", db.name);
+    let slot = format!("outbox_relay_{}", name.replace('-', "_"));
+    let topic = format!("{}.{{aggregate_type}}", db.name);
+
+    let http = free_port();
+    let mut relay = start(&dir, &pg_toml(&name, &db.name, port, &topic, http), http);
+    relay.wait_ready().await;
+    let db = Arc::new(db);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rows = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                rows.extend(db.write(20).await);
+            }
+            rows
+        })
+    };
+    for after in [400u64, 800] {
+        relay.wait_events(after).await;
+        relay.kill().await;
+        let http = free_port();
+        relay = start(&dir, &pg_toml(&name, &db.name, port, &topic, http), http);
+        relay.wait_ready().await;
+    }
+    relay.wait_events(100).await;
+    stop.store(true, Ordering::Relaxed);
+    let rows = writer.await.expect("writer");
+    let recs = read_topics(&topics, rows.len(), Duration::from_secs(120)).await;
+    let report = check(&rows, &recs);
+    report.assert_complete();
+    assert!(
+        recs.iter().all(|r| r.header("outbox.lsn").is_some()),
+        "every record carries its LSN"
+    );
+    println!(
+        "postgres crash test: {} rows, {} records, {} duplicates after 2 SIGKILLs",
+        rows.len(),
+        recs.len(),
+        report.duplicates
+    );
+
+    // The status reports the LSN position and the slot's retained WAL.
+    let s = relay
+        .status_until("the status with the slot's retained WAL", |s| {
+            s["head"]["retainedWalBytes"].is_u64() && s["position"]["lsn"].is_string()
+        })
+        .await;
+    assert!(s["wal"]["retainedBytes"].is_u64(), "{s}");
+
+    // The slot never confirms past the checkpoint (a restart resumes there).
+    let (_, stored) = checkpoint_as::<LsnPosition>(redis_url(), &name)
+        .await
+        .expect("checkpoint");
+    let confirmed: outbox_relay::position::Lsn = db
+        .confirmed(&slot)
+        .await
+        .expect("slot exists")
+        .parse()
+        .expect("lsn");
+    assert!(
+        confirmed <= stored.lsn,
+        "slot at {confirmed}, checkpoint at {}",
+        stored.lsn
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
+    db.drop_all(&slot).await;
+}
+
+/// Wrong settings stop the relay with the setting and its fix: a server
+/// without `wal_level = logical`, a role without REPLICATION.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_preflight_names_the_fix() {
+    let dir = Scratch::new("pgpre");
+    // A server of its own with wal_level = replica.
+    let replica_port = free_port();
+    let out = std::process::Command::new(root().join("scripts/services.sh"))
+        .args(["start-postgres"])
+        .arg(dir.0.join("pg"))
+        .arg(replica_port.to_string())
+        .args(["-c", "wal_level=replica"])
+        .output()
+        .expect("services.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = PgDb::new("pgpre", replica_port).await;
+    let http = free_port();
+    let mut relay = start(
+        &dir,
+        &pg_toml("pre", &db.name, replica_port, "t", http),
+        http,
+    );
+    assert!(!relay.wait_exit(Duration::from_secs(30)).await.success());
+    let logs = relay.logs();
+    assert!(
+        logs.contains("wal_level is `replica`")
+            && logs.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{logs}"
+    );
+    drop(db);
+    let _ = std::process::Command::new(root().join("scripts/services.sh"))
+        .arg("stop-dir")
+        .arg(dir.0.join("pg"))
+        .status();
+
+    // A role without REPLICATION on the shared server.
+    let port = pg_port();
+    let db = PgDb::new("pgrole", port).await;
+    // The superuser scripts/services.sh sets up: `app` may not create roles.
+    let admin = connect(port, "postgres", "postgres-password", "postgres").await;
+    let role = format!("norepl_{}", unique());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'x-password' IN ROLE app"
+        ))
+        .await
+        .expect("role");
+    let http = free_port();
+    let toml = pg_toml("role", &db.name, port, "t", http)
+        .replace("user = \"relay\"", &format!("user = \"{role}\""));
+    let mut relay = Relay::start(
+        &dir.0,
+        &toml,
+        http,
+        &[("OUTBOX_RELAY_POSTGRES_PASSWORD", "x-password")],
+    );
+    assert!(!relay.wait_exit(Duration::from_secs(30)).await.success());
+    let logs = relay.logs();
+    assert!(
+        logs.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("x-password"),
+        "the password is in a log line: {logs}"
+    );
+    let _ = admin.batch_execute(&format!("DROP ROLE {role}")).await;
+    db.drop_all("none").await;
+}
