@@ -233,56 +233,67 @@ async fn preflight(s: &mut Session, cfg: &Config) -> Result<String, SourceError>
         }
     }
     let publication = p.publication(&cfg.name);
-    let published: Vec<String> = s
-        .query(&format!(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {}",
-            lit(&publication)
-        ))
-        .await?
-        .into_iter()
-        .filter_map(|r| r.into_iter().next().flatten())
-        .collect();
-    let exists = s
-        .value(&format!(
-            "SELECT count(*) FROM pg_publication WHERE pubname = {}",
-            lit(&publication)
-        ))
-        .await?;
     let tables = table_list(&cfg.outboxes);
-    if num(exists) == 0 {
-        if !p.create {
-            return Err(SourceError::Definite(format!(
-                "publication `{publication}` does not exist and postgres.create is false. Create it: \
-                 CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
-                ident(&publication)
-            )));
-        }
-        // Created here, before the slot: a slot decodes with the
-        // publication as it was when each change was written.
-        s.query(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
-            ident(&publication)
-        ))
-        .await
-        .map_err(|e| {
-            SourceError::Definite(format!(
-                "cannot create publication `{publication}`: {e}. Create it as the tables' owner: \
-                 CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
-                ident(&publication)
+    // Twice: relays starting together may both find it missing.
+    for attempt in 0..2 {
+        let exists = s
+            .value(&format!(
+                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
+                lit(&publication)
             ))
-        })?;
-        info!(publication = %publication, tables = %tables, "publication created");
-    } else {
-        for o in &cfg.outboxes {
-            let t = format!("{}.{}", o.database, o.table);
-            if !published.contains(&t) {
+            .await?;
+        if num(exists) > 0 {
+            let published: Vec<String> = s
+                .query(&format!(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {}",
+                    lit(&publication)
+                ))
+                .await?
+                .into_iter()
+                .filter_map(|r| r.into_iter().next().flatten())
+                .collect();
+            if let Some(o) = cfg
+                .outboxes
+                .iter()
+                .find(|o| !published.contains(&format!("{}.{}", o.database, o.table)))
+            {
                 return Err(SourceError::Definite(format!(
-                    "publication `{publication}` does not include the outbox table {t}. Fix: \
+                    "publication `{publication}` does not include the outbox table {}.{}. Fix: \
                      ALTER PUBLICATION {} ADD TABLE {}.{}",
+                    o.database,
+                    o.table,
                     ident(&publication),
                     ident(&o.database),
                     ident(&o.table)
                 )));
+            }
+            break;
+        }
+        let create = format!(
+            "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
+            ident(&publication)
+        );
+        if !p.create {
+            return Err(SourceError::Definite(format!(
+                "publication `{publication}` does not exist and postgres.create is false. Create it: {create}"
+            )));
+        }
+        // Created at preflight, before the slot: a slot decodes with the
+        // publication as it was when each change was written.
+        match s.query(&create).await {
+            Ok(_) => {
+                info!(publication = %publication, tables = %tables, "publication created");
+                break;
+            }
+            Err(e)
+                if attempt == 0
+                    && ["already exists", "duplicate key"]
+                        .iter()
+                        .any(|w| e.to_string().contains(w)) => {}
+            Err(e) => {
+                return Err(SourceError::Definite(format!(
+                    "cannot create publication `{publication}`: {e}. Create it as the tables' owner: {create}"
+                )))
             }
         }
     }

@@ -193,6 +193,7 @@ async fn operator_reconciles_the_samples_on_a_real_cluster() {
         "outboxrelay-minimal.yaml",
         "outboxrelay-full.yaml",
         "outboxrelay-nats.yaml",
+        "outboxrelay-postgres.yaml",
     ] {
         for r in sample::<OutboxRelay>(file) {
             apply(&relays, &r).await;
@@ -526,6 +527,24 @@ async fn malformed_resources_are_refused_naming_the_field(client: &Client, ns: &
         (
             serde_json::json!({"changes": {"tables": {}}}),
             "spec.changes.tables",
+        ),
+        // Beside the sample's mysql: two databases; and PostgreSQL's rules.
+        (
+            serde_json::json!({"postgres": {"host": "pg", "database": "shop", "user": "relay",
+                "passwordSecret": {"name": "p", "key": "password"},
+                "outboxes": [{"database": "public"}]}}),
+            "set exactly one database: spec.mysql or spec.postgres",
+        ),
+        (
+            serde_json::json!({"postgres": {"host": "pg", "database": "shop", "user": "relay",
+                "passwordSecret": {"name": "p", "key": "password"}, "slot": "Bad-Slot",
+                "outboxes": [{"database": "public"}]}}),
+            "spec.postgres.slot",
+        ),
+        (
+            serde_json::json!({"mysql": {"outboxes": [{"database": "shop", "columnPreset": "Debezium",
+                "columns": {"id": "event_id"}}]}}),
+            "set columns or columnPreset, not both",
         ),
         // Beside the sample's kafka: two sinks (and each NATS rule).
         (

@@ -174,6 +174,20 @@ listen = "127.0.0.1:{http_port}"
     )
 }
 
+/// A writer task: `PgDb::write` batches until `stop`; returns the rows.
+fn writer(
+    db: Arc<PgDb>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(u64, Option<String>)>> {
+    tokio::spawn(async move {
+        let mut rows = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            rows.extend(db.write(20).await);
+        }
+        rows
+    })
+}
+
 fn start(dir: &Scratch, toml: &str, port: u16) -> Relay {
     Relay::start(
         &dir.0,
@@ -203,16 +217,7 @@ async fn a_postgres_outbox_streams_through_sigkills() {
     relay.wait_ready().await;
     let db = Arc::new(db);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (db, stop) = (db.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut rows = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                rows.extend(db.write(20).await);
-            }
-            rows
-        })
-    };
+    let writer = writer(db.clone(), stop.clone());
     for after in [400u64, 800] {
         relay.wait_events(after).await;
         relay.kill().await;
@@ -337,4 +342,86 @@ async fn postgres_preflight_names_the_fix() {
     );
     let _ = admin.batch_execute(&format!("DROP ROLE {role}")).await;
     db.drop_all("none").await;
+}
+
+/// Failover with a paused leader: its walsender keeps the slot (until
+/// `wal_sender_timeout`, 60 s), so the new leader, once it holds the lease,
+/// ends that backend and streams within seconds; the zombie wakes fenced
+/// and exits; every event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_postgres_leader_is_replaced_within_seconds() {
+    use crate::election::leader_of;
+    let port = pg_port();
+    let db = Arc::new(PgDb::new("pgfail", port).await);
+    let dir = Scratch::new("pgfail");
+    let topics = vec![format!("{}.User", db.name)];
+    create_topics(&topics, 3).await;
+    let name = format!("pgf-{}", db.name);
+    let slot = format!("outbox_relay_{}", name.replace('-', "_"));
+    let topic = format!("{}.{{aggregate_type}}", db.name);
+    let toml = |http| {
+        pg_toml(&name, &db.name, port, &topic, http)
+            .replace("[http]", "[election]\nmode = \"redis\"\n\n[http]")
+    };
+    let ports = [free_port(), free_port()];
+    let mut relays: Vec<Relay> = ports.iter().map(|&p| start(&dir, &toml(p), p)).collect();
+    // Rows written from the moment the slot exists (the leader streams).
+    wait_for("a relay streaming", Duration::from_secs(60), || async {
+        for r in &relays {
+            if r.role().await.as_deref() == Some("streaming") {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(db.clone(), stop.clone());
+    let old = leader_of(&mut relays, Duration::from_secs(60)).await;
+    let new = 1 - old;
+    relays[new]
+        .wait_role("standby", Duration::from_secs(30))
+        .await;
+    relays[old].wait_events(200).await;
+
+    relays[old].signal("STOP");
+    let paused = std::time::Instant::now();
+    relays[new].wait_ready().await;
+    let takeover = paused.elapsed();
+    let before = relays[new].events().await;
+    relays[new].wait_events(before + 100).await;
+    assert!(
+        relays[new].logs().contains("ending that backend"),
+        "the new leader must end the paused leader's walsender: {}",
+        relays[new].logs()
+    );
+    assert!(
+        takeover < Duration::from_secs(8),
+        "takeover took {takeover:?} (lease 3 s)"
+    );
+
+    relays[old].signal("CONT");
+    let status = relays[old].wait_exit(Duration::from_secs(30)).await;
+    let logs = relays[old].logs();
+    assert!(!status.success(), "the zombie must exit non-zero: {logs}");
+    assert!(!logs.contains("final checkpoint stored"), "{logs}");
+
+    stop.store(true, Ordering::Relaxed);
+    let rows = writing.await.expect("writer");
+    let recs = read_topics(&topics, rows.len(), Duration::from_secs(120)).await;
+    let report = check(&rows, &recs);
+    report.assert_complete();
+    println!(
+        "postgres failover: takeover {takeover:?} from a paused leader, {} rows, {} duplicates",
+        rows.len(),
+        report.duplicates
+    );
+    assert!(
+        relays[new].terminate().await.success(),
+        "{}",
+        relays[new].logs()
+    );
+    drop(relays);
+    let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
+    db.drop_all(&slot).await;
 }
