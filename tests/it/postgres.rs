@@ -123,6 +123,19 @@ impl PgDb {
             .map(|r| r.get(0))
     }
 
+    /// The outbox rows as the database has them, in commit order (one writer).
+    async fn rows(&self) -> Vec<(u64, Option<String>)> {
+        // A connection of its own: the server may have restarted since.
+        connect(self.port, "app", "app-password", &self.name)
+            .await
+            .query("SELECT id, aggregateid FROM outbox ORDER BY id", &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, Some(r.get::<_, String>(1))))
+            .collect()
+    }
+
     /// Drops the relay's slot and publication, then the database.
     async fn drop_all(self, slot: &str) {
         let _ = self
@@ -424,4 +437,126 @@ async fn a_paused_postgres_leader_is_replaced_within_seconds() {
     drop(relays);
     let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
     db.drop_all(&slot).await;
+}
+
+/// Inserts outbox rows (one per transaction, 5 keys) until `stop`, through
+/// server restarts: a failed statement reconnects and goes on (the database
+/// is the truth of what committed).
+fn restarting_writer(port: u16, db: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((client, conn)) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} user=app password=app-password dbname={db}"),
+                NoTls,
+            )
+            .await
+            else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let sql = format!(
+                    "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                     VALUES ('User', 'user-{}', 'UserCreated', '{{\"n\": {i}}}')",
+                    i % 5
+                );
+                if client.batch_execute(&sql).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }
+    })
+}
+
+/// A PostgreSQL restart under a writer, then a broker restart: the relay
+/// is back right after each (one log line down, one back), nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_broker_restarts_lose_nothing() {
+    services();
+    let dir = Scratch::new("pgrestart");
+    let pg_dir = dir.0.join("pg");
+    let pg = free_port();
+    let services_sh = |args: &[&str]| {
+        let out = std::process::Command::new(root().join("scripts/services.sh"))
+            .args(args)
+            .output()
+            .expect("services.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let pg_dir_s = pg_dir.to_string_lossy().into_owned();
+    services_sh(&["start-postgres", &pg_dir_s, &pg.to_string()]);
+    let private = PrivateBroker::start(&dir.0);
+    let db = PgDb::new("pgrestart", pg).await;
+    let name = format!("pgr-{}", db.name);
+    let topic = format!("{}.User", db.name);
+    let toml = |http| {
+        pg_toml(&name, &db.name, pg, &topic, http)
+            .replace(&format!("bootstrap_servers = \"{}\"", broker()), &format!(
+                "bootstrap_servers = \"{}\"\ncreate_topics = {{ topics = [\"{topic}\"], partitions = 3 }}",
+                private.addr()
+            ))
+    };
+    let http = free_port();
+    let mut relay = start(&dir, &toml(http), http);
+    relay.wait_ready().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = restarting_writer(pg, db.name.clone(), stop.clone());
+    relay.wait_events(300).await;
+
+    services_sh(&["stop-dir", &pg_dir_s]);
+    services_sh(&["start-postgres", &pg_dir_s, &pg.to_string()]);
+    let up = std::time::Instant::now();
+    let n = relay.events().await;
+    relay.wait_events(n + 1).await;
+    let back = up.elapsed();
+    relay.wait_events(n + 300).await;
+    let logs = relay.logs();
+    assert_eq!(
+        (
+            logs.matches("replication stream lost; reconnecting")
+                .count(),
+            logs.matches("postgres is back").count()
+        ),
+        (1, 1),
+        "one line when the stream is lost, one when it is back:\n{logs}"
+    );
+    println!("first record {back:?} after PostgreSQL was up again");
+    assert!(
+        back < Duration::from_secs(3),
+        "first record {back:?} after PostgreSQL's return"
+    );
+
+    private.down();
+    private.up();
+    let n = relay.events().await;
+    relay.wait_events(n + 300).await;
+
+    stop.store(true, Ordering::Relaxed);
+    writing.await.expect("writer");
+    let rows = db.rows().await;
+    let recs = read_topics_from(
+        &private.addr(),
+        &[topic],
+        rows.len(),
+        Duration::from_secs(120),
+    )
+    .await;
+    let report = check(&rows, &recs);
+    report.assert_complete();
+    println!(
+        "postgres and broker restarts: {} rows, {} duplicates",
+        rows.len(),
+        report.duplicates
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    drop(db);
+    services_sh(&["stop-dir", &pg_dir_s]);
 }
