@@ -8,6 +8,9 @@
 //!   relay's `Sink` with its producer settings (produce-only).
 //! - NATS drain: the same rows drained by the relay to NATS JetStream (a
 //!   private `nats-server -js`, file storage), same method.
+//! - PostgreSQL (bench/pg.rs): the same drain (rows written while the relay
+//!   is stopped, its slot keeping them) and latency (a second logical reader
+//!   on a slot of its own timestamps each row; the relay's histogram).
 //! - latency: steady single-row transactions; commit (client saw COMMIT
 //!   return) → record read back by a consumer, per record.
 //! - footprint: the relay's peak and steady RSS, CPU seconds per 100k events,
@@ -19,6 +22,8 @@
 #[allow(dead_code)]
 #[path = "../it/support.rs"]
 mod support;
+
+mod pg;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -684,6 +689,7 @@ async fn main() {
         plan.rows, plan.reps, plan.latency_rate, plan.latency_secs
     );
     let mut runs = Vec::new();
+    let mut pg_runs = Vec::new();
     for r in 0..plan.reps {
         let d = drain_once(plan.rows).await;
         println!(
@@ -695,7 +701,16 @@ async fn main() {
             d.nats_drain_eps
         );
         runs.push(d);
+        let p = pg::drain(plan.rows).await;
+        println!(
+            "  PostgreSQL drain {}: relay {:.0} ev/s, peak RSS {:.1} MB",
+            r + 1,
+            p.drain_eps,
+            p.peak_rss as f64 / 1_048_576.0
+        );
+        pg_runs.push(p);
     }
+    let (pg_to_read, pg_own, pg_rss) = pg::latency(plan.latency_rate, plan.latency_secs).await;
     let Latency {
         to_binlog,
         relay: own,
@@ -765,7 +780,50 @@ async fn main() {
             String::new(),
         ),
     ];
+    let pgcol = |f: fn(&pg::PgDrain) -> f64| stats(&pg_runs.iter().map(f).collect::<Vec<_>>());
+    rows.push((
+        "PostgreSQL: drain (events/s)".into(),
+        pgcol(|d| d.drain_eps),
+        "≥ 100000".into(),
+    ));
+    rows.push((
+        "PostgreSQL: peak RSS during drain (MB)".into(),
+        pgcol(|d| d.peak_rss as f64 / 1_048_576.0),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: RSS idle after drain (MB)".into(),
+        pgcol(|d| d.idle_rss as f64 / 1_048_576.0),
+        "≤ 25".into(),
+    ));
     let one = |v: f64| (v, v, v);
+    rows.push((
+        format!(
+            "PostgreSQL: commit → logical replication read p50 / p99 / max (ms), {} records",
+            pg_to_read.len()
+        ),
+        (
+            pct(&pg_to_read, 0.5),
+            pct(&pg_to_read, 0.99),
+            pct(&pg_to_read, 1.0),
+        ),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: relay read → Kafka ack p99 (ms, histogram bucket bound)".into(),
+        one(pg_own.1),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: commit → Kafka ack p99 (ms, the two p99s added)".into(),
+        one(pct(&pg_to_read, 0.99) + pg_own.1),
+        "≤ 10".into(),
+    ));
+    rows.push((
+        "PostgreSQL: RSS at steady load (MB)".into(),
+        one(mb(pg_rss as f64)),
+        "≤ 25".into(),
+    ));
     rows.push((
         format!(
             "commit → binlog read p50 / p99 / max (ms), {} records",

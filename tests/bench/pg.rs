@@ -1,0 +1,271 @@
+//! The PostgreSQL half of the benchmark: the same drain and latency method
+//! as MySQL's, against the private PostgreSQL of scripts/services.sh.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::config::Config;
+use outbox_relay::metrics::Metrics;
+use outbox_relay::pg::PgSource;
+use outbox_relay::source::{Source, SourceEvent};
+use tokio_postgres::{Client, NoTls};
+
+use crate::support::*;
+use crate::{bucket_quantile, payload, proc_stats, since_commit};
+
+fn pg_port() -> u16 {
+    std::env::var("OUTBOX_PG_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5433)
+}
+
+async fn connect(user: &str, password: &str, db: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+            pg_port()
+        ),
+        NoTls,
+    )
+    .await
+    .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// A database of its own with the DESIGN outbox table and the relay's
+/// publication; `relay` names the relay (its slot is made when it leads).
+struct Bench {
+    db: String,
+    name: String,
+    dir: Scratch,
+}
+
+impl Bench {
+    async fn new(prefix: &str) -> Bench {
+        let db = format!("{prefix}_{}", unique());
+        connect("app", "app-password", "postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+        connect("app", "app-password", &db)
+            .await
+            .batch_execute(
+                "CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregate_type text NOT NULL,
+                   aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL)",
+            )
+            .await
+            .expect("outbox table");
+        create_topics(&[format!("{db}.Order")], 3).await;
+        Bench {
+            name: format!("pgbench-{db}"),
+            dir: Scratch::new(prefix),
+            db,
+        }
+    }
+
+    fn toml(&self, name: &str, http_port: u16) -> String {
+        format!(
+            r#"name = "{name}"
+[postgres]
+host = "127.0.0.1"
+port = {port}
+user = "relay"
+database = "{db}"
+[[outbox]]
+schema = "public"
+topic = "{db}.{{aggregate_type}}"
+[kafka]
+bootstrap_servers = "{broker}"
+[redis]
+url = "{redis}"
+key_prefix = "test:"
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            port = pg_port(),
+            db = self.db,
+            broker = broker(),
+            redis = redis_url(),
+        )
+    }
+
+    fn start(&self, name: &str) -> Relay {
+        let port = free_port();
+        Relay::start(
+            &self.dir.0,
+            &self.toml(name, port),
+            port,
+            &[("OUTBOX_RELAY_POSTGRES_PASSWORD", RELAY_PASSWORD)],
+        )
+    }
+
+    /// Drops the slots of this database, then the database.
+    async fn drop_all(self) {
+        let admin = connect("postgres", "postgres-password", "postgres").await;
+        let _ = admin
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE database = '{}'; DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db, self.db
+            ))
+            .await;
+    }
+}
+
+/// Inserts `rows` rows in 500-row transactions over 1,000 aggregates.
+async fn fill(db: &str, rows: usize) {
+    let c = connect("app", "app-password", db).await;
+    let mut n = 0;
+    while n < rows {
+        let batch = 500.min(rows - n);
+        let values: Vec<String> = (n..n + batch)
+            .map(|i| format!("('Order','agg-{}','Created','{}')", i % 1000, payload(i)))
+            .collect();
+        c.batch_execute(&format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES {}",
+            values.join(",")
+        ))
+        .await
+        .expect("insert batch");
+        n += batch;
+    }
+}
+
+/// What a PostgreSQL drain measured.
+pub struct PgDrain {
+    pub drain_eps: f64,
+    pub peak_rss: u64,
+    pub idle_rss: u64,
+}
+
+/// `rows` rows written while the relay is stopped (its slot keeps them),
+/// then drained: events/s from process start to the last acknowledgement.
+pub async fn drain(rows: usize) -> PgDrain {
+    let b = Bench::new("pgdrain").await;
+    // A first start creates the publication and the slot; stopped, the
+    // slot keeps what is written next.
+    let mut relay = b.start(&b.name);
+    relay.wait_ready().await;
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    fill(&b.db, rows).await;
+    relay_bin();
+    let t = Instant::now();
+    let mut relay = b.start(&b.name);
+    let pid = relay.pid();
+    let mut peak = 0;
+    while (relay.events().await as usize) < rows {
+        peak = peak.max(proc_stats(pid).0);
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "drain did not finish: {}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drain_eps = rows as f64 / t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (idle_rss, _) = proc_stats(pid);
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    b.drop_all().await;
+    PgDrain {
+        drain_eps,
+        peak_rss: peak,
+        idle_rss,
+    }
+}
+
+/// Steady single-row transactions at `rate`/s for `secs` (two writers):
+/// COMMIT returned → the row read by a second logical reader (the relay's
+/// `PgSource` in-process, on a slot of its own), and the relay's own read
+/// → Kafka ack histogram (p50, p99 in ms); the relay's RSS.
+pub async fn latency(rate: u64, secs: u64) -> (Vec<Duration>, (f64, f64), u64) {
+    let b = Bench::new("pglat").await;
+    let mut relay = b.start(&b.name);
+    relay.wait_ready().await;
+    let warm = connect("app", "app-password", &b.db).await;
+    warm.batch_execute(&format!(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('Order','warm-up','Created','{}')",
+        payload(0)
+    ))
+    .await
+    .expect("warm-up row");
+    relay.wait_events(1).await;
+
+    let cfg = Arc::new(
+        Config::from_toml(
+            &b.toml(&format!("{}-follower", b.name), free_port()),
+            std::path::Path::new("bench.toml"),
+            &[(
+                "OUTBOX_RELAY_POSTGRES_PASSWORD".into(),
+                RELAY_PASSWORD.into(),
+            )],
+        )
+        .expect("config"),
+    );
+    let opened = PgSource::open(&cfg).await.expect("preflight");
+    let (_durable_tx, durable) = tokio::sync::watch::channel(None);
+    let (mut follower, _) = PgSource::begin(cfg, opened, None, 1, Metrics::new(), durable)
+        .await
+        .expect("the follower's slot");
+    let n = (rate * secs) as usize;
+    let following = tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(n);
+        while seen.len() < n {
+            if let SourceEvent::Row { result: Ok(r), .. } = follower.next().await.expect("stream") {
+                seen.push((r.id.parse::<u64>().unwrap_or(0), Instant::now()));
+            }
+        }
+        seen
+    });
+
+    let per = rate / 2;
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let c = connect("app", "app-password", &b.db).await;
+        writers.push(tokio::spawn(async move {
+            let insert = c
+                .prepare(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     VALUES ('Order', $1, 'Created', $2::text::jsonb) RETURNING id",
+                )
+                .await
+                .expect("prepare");
+            let mut out = Vec::new();
+            let t0 = Instant::now();
+            for i in 0..per * secs {
+                let due = t0 + Duration::from_micros(i * 1_000_000 / per);
+                tokio::time::sleep_until(due.into()).await;
+                let row = c
+                    .query_one(
+                        &insert,
+                        &[&format!("w{w}-{}", i % 100), &payload(i as usize)],
+                    )
+                    .await
+                    .expect("insert");
+                out.push((row.get::<_, i64>(0) as u64, Instant::now()));
+            }
+            out
+        }));
+    }
+    let mut committed = std::collections::HashMap::new();
+    for w in writers {
+        committed.extend(w.await.expect("writer"));
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(60), following)
+        .await
+        .expect("the follower saw every row")
+        .expect("follower");
+    relay.wait_events(n as u64 + 1).await;
+    let m = http_get(relay.http_port, "/metrics")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    let own = (bucket_quantile(&m, 0.5), bucket_quantile(&m, 0.99));
+    let (rss, _) = proc_stats(relay.pid());
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    b.drop_all().await;
+    (since_commit(&committed, seen), own, rss)
+}
