@@ -560,3 +560,192 @@ async fn postgres_and_broker_restarts_lose_nothing() {
     drop(db);
     services_sh(&["stop-dir", &pg_dir_s]);
 }
+
+/// Column types in the id, key, payload and headers columns, as PostgreSQL's
+/// text form gives them (bytea decoded to its bytes), and bad rows under
+/// `dead_letter`: each goes to the dead-letter topic with its reason and
+/// the relay goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_column_types_and_bad_rows() {
+    let port = pg_port();
+    let db = PgDb::new("pgtypes", port).await;
+    let dir = Scratch::new("pgtypes");
+    // (table, id type, key type, payload type, key literal, payload literal,
+    //  expected key, expected value)
+    let cases: [(&str, &str, &str, &str, &str, &str, &[u8], &[u8]); 7] = [
+        (
+            "o_bytea",
+            "bigserial",
+            "text",
+            "bytea",
+            "'k'",
+            "'\\x00ff41'::bytea",
+            b"k",
+            b"\x00\xffA",
+        ),
+        (
+            "o_text",
+            "bigserial",
+            "varchar(20)",
+            "text",
+            "'k'",
+            "'héllo wörld'",
+            b"k",
+            "héllo wörld".as_bytes(),
+        ),
+        (
+            "o_json",
+            "bigserial",
+            "text",
+            "json",
+            "'k'",
+            "'{\"a\": [1, 2]}'",
+            b"k",
+            b"{\"a\": [1, 2]}",
+        ),
+        (
+            "o_jsonb",
+            "bigserial",
+            "text",
+            "jsonb",
+            "'k'",
+            "'{\"b\":1, \"a\":2}'",
+            b"k",
+            b"{\"a\": 2, \"b\": 1}",
+        ),
+        (
+            "o_uuid",
+            "uuid",
+            "uuid",
+            "text",
+            "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'",
+            "'x'",
+            b"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            b"x",
+        ),
+        (
+            "o_int",
+            "bigserial",
+            "bigint",
+            "numeric(8,3)",
+            "-42",
+            "12.340",
+            b"-42",
+            b"12.340",
+        ),
+        (
+            "o_date",
+            "bigserial",
+            "integer",
+            "date",
+            "7",
+            "'2024-02-29'",
+            b"7",
+            b"2024-02-29",
+        ),
+    ];
+    let mut outboxes = String::new();
+    for (table, id, key, payload, ..) in &cases {
+        let default = if *id == "uuid" {
+            " DEFAULT gen_random_uuid()"
+        } else {
+            ""
+        };
+        db.app
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id {id} PRIMARY KEY{default}, aggregate_type text, \
+                 aggregate_id {key}, event_type text, payload {payload}, headers jsonb)"
+            ))
+            .await
+            .expect("table");
+        outboxes.push_str(&format!(
+            "\n[[outbox]]\nschema = \"public\"\ntable = \"{table}\"\ntopic = \"{}.types\"\n",
+            db.name
+        ));
+    }
+    let topic = format!("{}.types", db.name);
+    let dlq = format!("{}.dlq", db.name);
+    create_topics(&[topic.clone(), dlq.clone()], 1).await;
+    let name = format!("pgt-{}", db.name);
+    let http = free_port();
+    let toml = pg_toml(&name, &db.name, port, "unused", http)
+        .replace(
+            "\n[[outbox]]\nschema = \"public\"\ntable = \"outbox\"\ncolumns = \"debezium\"\ntopic = \"unused\"\n",
+            &outboxes,
+        )
+        .replace(
+            &format!("bootstrap_servers = \"{}\"", broker()),
+            &format!(
+                "bootstrap_servers = \"{}\"\nbad_row_policy = \"dead_letter\"\ndead_letter_topic = \"{dlq}\"",
+                broker()
+            ),
+        );
+    let mut relay = start(&dir, &toml, http);
+    relay.wait_ready().await;
+
+    for (table, _, _, _, key, payload, ..) in &cases {
+        db.app
+            .batch_execute(&format!(
+                "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload, headers) \
+                 VALUES ('T', {key}, 'Typed', {payload}, '{{\"trace\": \"t-1\", \"n\": 5}}')"
+            ))
+            .await
+            .expect("insert");
+    }
+    // Bad rows: a NULL key, headers that are not an object, a NULL aggregate
+    // type making the topic empty is fine (template has none): two bad rows.
+    db.app
+        .batch_execute(
+            "INSERT INTO o_text (aggregate_type, aggregate_id, event_type, payload) VALUES ('T', NULL, 'Bad', 'no key');
+             INSERT INTO o_text (aggregate_type, aggregate_id, event_type, payload, headers) VALUES ('T', 'k', 'Bad', 'bad headers', '[1]');
+             INSERT INTO o_text (aggregate_type, aggregate_id, event_type, payload) VALUES ('T', 'k', 'After', 'after the bad rows');",
+        )
+        .await
+        .expect("bad rows");
+    let recs = read_topics(
+        std::slice::from_ref(&topic),
+        cases.len() + 1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(recs.len(), cases.len() + 1, "{recs:?}");
+    for (table, _, _, _, _, _, key, value) in &cases {
+        let r = recs
+            .iter()
+            .find(|r| r.header("outbox.table").is_none() && r.value.as_deref() == Some(*value))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{table}: no record with value {:?} in {recs:?}",
+                    String::from_utf8_lossy(value)
+                )
+            });
+        assert_eq!(r.key.as_deref(), Some(*key), "{table}");
+        assert_eq!(r.header("trace"), Some(&b"t-1"[..]), "{table}");
+        assert_eq!(r.header("n"), Some(&b"5"[..]), "{table}");
+        assert_eq!(r.header("event_type"), Some(&b"Typed"[..]), "{table}");
+        assert!(r.header("outbox.lsn").is_some(), "{table}");
+        let id = String::from_utf8_lossy(r.header("id").expect("id header")).into_owned();
+        if *table == "o_uuid" {
+            assert_eq!(id.len(), 36, "uuid id: {id}");
+        } else {
+            assert!(id.parse::<u64>().is_ok(), "{table}: id {id}");
+        }
+    }
+    assert!(recs
+        .iter()
+        .any(|r| r.value.as_deref() == Some(&b"after the bad rows"[..])));
+    let dead = read_topics(std::slice::from_ref(&dlq), 2, Duration::from_secs(60)).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.header("outbox.error").unwrap_or_default()).into_owned())
+        .collect();
+    assert!(reasons.iter().any(|r| r.contains("NULL")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("JSON object")),
+        "{reasons:?}"
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    db.drop_all(&format!("outbox_relay_{}", name.replace('-', "_")))
+        .await;
+}
