@@ -572,7 +572,17 @@ async fn postgres_column_types_and_bad_rows() {
     let dir = Scratch::new("pgtypes");
     // (table, id type, key type, payload type, key literal, payload literal,
     //  expected key, expected value)
-    let cases: [(&str, &str, &str, &str, &str, &str, &[u8], &[u8]); 7] = [
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [u8],
+        &'a [u8],
+    );
+    let cases: [Case; 7] = [
         (
             "o_bytea",
             "bigserial",
