@@ -60,3 +60,102 @@ pub async fn delete_checkpoint(target: RedisTarget<'_>, relay: &str) -> Result<u
         Err(_) => Err(format!("redis: no answer from {url} within 10s")),
     }
 }
+
+/// How to reach the relay's PostgreSQL: `spec.postgres` with its password.
+pub struct PgTarget<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub user: &'a str,
+    pub password: String,
+    pub database: &'a str,
+    /// `spec.postgres.slot` / `.publication`, else the relay's defaults.
+    pub slot: Option<&'a str>,
+    pub publication: Option<&'a str>,
+}
+
+/// Drops the relay's replication slot (ending a backend still streaming
+/// from it) and its publication if the relay created it (its comment says
+/// so); returns what it dropped. Errors carry no credentials.
+pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String, String> {
+    let default = outbox_relay::keys::pg_object_name(relay);
+    let slot = target.slot.unwrap_or(&default);
+    let publication = target.publication.unwrap_or(&default);
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(target.host)
+        .port(target.port)
+        .user(target.user)
+        .password(target.password.as_bytes())
+        .dbname(target.database)
+        .connect_timeout(Duration::from_secs(10));
+    let at = format!("postgres {}:{}", target.host, target.port);
+    let work = async {
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await?;
+        // The ended backend releases the slot within moments.
+        let mut dropped = 0;
+        for _ in 0..50 {
+            match client
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+            {
+                Ok(n) => {
+                    dropped = n;
+                    break;
+                }
+                Err(e) if e.to_string().contains("is active") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let ours = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1 \
+                 AND obj_description(oid, 'pg_publication') = $2",
+                &[
+                    &publication,
+                    &outbox_relay::keys::publication_comment(relay),
+                ],
+            )
+            .await?
+            .is_some();
+        if ours {
+            client
+                .batch_execute(&format!(
+                    "DROP PUBLICATION \"{}\"",
+                    publication.replace('"', "\"\"")
+                ))
+                .await?;
+        }
+        Ok::<_, tokio_postgres::Error>(format!(
+            "replication slot {slot}: {}; publication {publication}: {}",
+            if dropped > 0 {
+                "dropped"
+            } else {
+                "not present"
+            },
+            if ours {
+                "dropped"
+            } else {
+                "kept (not created by the relay, or not present)"
+            }
+        ))
+    };
+    match tokio::time::timeout(Duration::from_secs(30), work).await {
+        Ok(Ok(note)) => Ok(note),
+        Ok(Err(e)) => Err(format!("{at}: {e}")),
+        Err(_) => Err(format!("{at}: no answer within 30s")),
+    }
+}

@@ -384,6 +384,28 @@ async fn reconcile_relay(obj: &Arc<OutboxRelay>, ctx: &Context) -> Result<Action
     ))
 }
 
+/// Scales the relay Deployment to zero (its pods would stream from the slot,
+/// or create it again) and tells whether no relay pod is left.
+async fn relay_pods_stopped(obj: &OutboxRelay, ctx: &Context, ns: &str) -> Result<bool, Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let name = format!("{}-relay", obj.name_any());
+    let Some(d) = deployments.get_opt(&name).await? else {
+        return Ok(true);
+    };
+    if d.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        ctx.metrics.writes.inc();
+        deployments
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+            )
+            .await?;
+    }
+    Ok(d.status.and_then(|s| s.replicas).unwrap_or(0) == 0
+        && d.spec.and_then(|s| s.replicas) == Some(0))
+}
+
 fn has_finalizer(obj: &OutboxRelay) -> bool {
     obj.finalizers().iter().any(|f| f == FINALIZER)
 }
@@ -445,21 +467,61 @@ async fn delete_checkpoint(
     )
     .await?;
     let relay = relay_name(ns, &obj.name_any());
-    let outcome = match (password, ca) {
-        (Ok(password), Ok(ca)) => {
+    // PostgreSQL: the slot (and the publication the relay made) go first,
+    // once no relay pod can stream from it or create it again.
+    let dropped = match &obj.spec.postgres {
+        None => Ok(None),
+        Some(pg) => match relay_pods_stopped(obj, ctx, ns).await? {
+            false => Err(
+                "waiting for the relay pods to stop before dropping the replication slot"
+                    .to_string(),
+            ),
+            true => match secret_value(
+                &secrets,
+                ns,
+                Some(&pg.password_secret),
+                "spec.postgres.passwordSecret",
+            )
+            .await?
+            {
+                Err(e) => Err(e),
+                Ok(password) => {
+                    let target = cleanup::PgTarget {
+                        host: &pg.host,
+                        port: pg.port.unwrap_or(5432) as u16,
+                        user: &pg.user,
+                        password: password
+                            .map(|p| String::from_utf8_lossy(&p).into_owned())
+                            .unwrap_or_default(),
+                        database: &pg.database,
+                        slot: pg.slot.as_deref(),
+                        publication: pg.publication.as_deref(),
+                    };
+                    cleanup::drop_pg_objects(target, &relay).await.map(Some)
+                }
+            },
+        },
+    };
+    let outcome = match (dropped, password, ca) {
+        (Ok(dropped), Ok(password), Ok(ca)) => {
             let target = cleanup::RedisTarget {
                 url: &redis.url,
                 password: password.map(|p| String::from_utf8_lossy(&p).into_owned()),
                 ca,
                 key_prefix: redis.key_prefix.as_deref(),
             };
-            cleanup::delete_checkpoint(target, &relay).await
+            cleanup::delete_checkpoint(target, &relay)
+                .await
+                .map(|n| (n, dropped))
         }
-        (Err(e), _) | (_, Err(e)) => Err(e),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
     };
     match outcome {
-        Ok(n) => {
-            let note = format!("deleted the relay's Redis checkpoint ({n} keys) for {relay}");
+        Ok((n, dropped)) => {
+            let mut note = format!("deleted the relay's Redis checkpoint ({n} keys) for {relay}");
+            if let Some(d) = dropped {
+                note.push_str(&format!("; PostgreSQL {d}"));
+            }
             publish(ctx, obj, EventType::Normal, "CheckpointDeleted", &note).await;
             set_finalizer(ctx, relays, obj, false).await?;
             ctx.metrics.outcome("checkpoint_deleted");

@@ -285,28 +285,15 @@ pub struct PostgresConfig {
 
 impl PostgresConfig {
     pub fn slot(&self, relay: &str) -> String {
-        self.slot.clone().unwrap_or_else(|| default_pg_name(relay))
+        self.slot
+            .clone()
+            .unwrap_or_else(|| crate::keys::pg_object_name(relay))
     }
     pub fn publication(&self, relay: &str) -> String {
         self.publication
             .clone()
-            .unwrap_or_else(|| default_pg_name(relay))
+            .unwrap_or_else(|| crate::keys::pg_object_name(relay))
     }
-}
-
-/// `outbox_relay_<name>` with what PostgreSQL names may not hold as `_`.
-fn default_pg_name(relay: &str) -> String {
-    let clean: String = relay
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("outbox_relay_{clean}")
 }
 
 /// A PostgreSQL slot name: lower-case letters, digits and `_`, at most 63.

@@ -1,5 +1,5 @@
-//! The Redis keys of one relay, shared with the operator (which deletes them
-//! under `checkpointPolicy: Delete`).
+//! The Redis keys and PostgreSQL objects of one relay, shared with the
+//! operator (which deletes them under `checkpointPolicy: Delete`).
 
 /// `redis.key_prefix` when none is configured.
 pub const DEFAULT_KEY_PREFIX: &str = "outbox-relay:";
@@ -26,4 +26,26 @@ pub fn all_keys(prefix: &str, relay: &str) -> [String; 3] {
         leader_key(prefix, relay),
         epoch_key(prefix, relay),
     ]
+}
+
+/// The default name of a relay's PostgreSQL slot and publication:
+/// `outbox_relay_<name>`, characters other than letters and digits as `_`.
+pub fn pg_object_name(relay: &str) -> String {
+    let clean: String = relay
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("outbox_relay_{clean}")
+}
+
+/// The comment on a publication the relay created (only such a one is
+/// dropped with the relay).
+pub fn publication_comment(relay: &str) -> String {
+    format!("created by outbox-relay {relay}")
 }

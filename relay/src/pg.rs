@@ -282,6 +282,14 @@ async fn preflight(s: &mut Session, cfg: &Config) -> Result<String, SourceError>
         // publication as it was when each change was written.
         match s.query(&create).await {
             Ok(_) => {
+                // Marks it as the relay's: `checkpointPolicy: Delete` drops
+                // only a publication the relay made.
+                s.query(&format!(
+                    "COMMENT ON PUBLICATION {} IS {}",
+                    ident(&publication),
+                    lit(&crate::keys::publication_comment(&cfg.name))
+                ))
+                .await?;
                 info!(publication = %publication, tables = %tables, "publication created");
                 break;
             }

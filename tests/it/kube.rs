@@ -1142,3 +1142,103 @@ async fn events_carry_the_latest_message() {
         ]
     );
 }
+
+/// `checkpointPolicy: Delete` with `spec.postgres`: deleting the resource
+/// scales the relay pods to zero, then the operator drops the relay's slot
+/// and the publication it created, and the Redis keys; the resource goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
+async fn deleting_a_postgres_relay_drops_its_slot() {
+    use crate::postgres::{connect, pg_port};
+    use outbox_relay::keys::{pg_object_name, publication_comment};
+    services();
+    let client = cluster().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "obr-pgdrop").await;
+    let port = pg_port();
+    let db = format!("kdrop_{}", unique());
+    let admin = connect(port, "app", "app-password", "postgres").await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("database");
+    let app = connect(port, "app", "app-password", &db).await;
+    let relay = outbox_operator::cleanup::relay_name(&ns.name, "users");
+    let name = pg_object_name(&relay);
+    app.batch_execute(&format!(
+        "CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb);
+         CREATE PUBLICATION {name} FOR TABLE outbox;
+         COMMENT ON PUBLICATION {name} IS '{}'",
+        publication_comment(&relay)
+    ))
+    .await
+    .expect("outbox and publication");
+    // The slot as the relay makes it (REPLICATION: the relay's role).
+    connect(port, "relay", RELAY_PASSWORD, &db)
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+        ))
+        .await
+        .expect("slot");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "users-postgres"},
+        "stringData": {"password": RELAY_PASSWORD}
+    }))
+    .expect("secret");
+    apply(&secrets, &secret).await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns.name);
+    let mut cr = sample::<OutboxRelay>("outboxrelay-postgres.yaml").remove(0);
+    let pg = cr.spec.postgres.as_mut().expect("spec.postgres");
+    pg.host = "127.0.0.1".into();
+    pg.port = Some(port as i32);
+    pg.database = db.clone();
+    cr.spec.redis.url = redis_url().into();
+    cr.spec.redis.key_prefix = Some("test:".into());
+    apply(&relays, &cr).await;
+    let operator = tokio::spawn(outbox_operator::controller::run(
+        client.clone(),
+        Some(ns.name.clone()),
+        "outbox-relay:e2e".into(),
+        outbox_operator::metrics::Metrics::default(),
+    ));
+    wait_for("the finalizer", Duration::from_secs(60), || async {
+        let r = relays.get("users").await.ok()?;
+        (!r.metadata.finalizers.unwrap_or_default().is_empty()).then_some(())
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("the relay Deployment", Duration::from_secs(60), || async {
+        deployments.get_opt("users-relay").await.ok().flatten()
+    })
+    .await;
+
+    relays
+        .delete("users", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the resource gone", Duration::from_secs(120), || async {
+        relays.get_opt("users").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let left = |sql: &'static str| {
+        let app = &app;
+        let name = name.clone();
+        async move { app.query_opt(sql, &[&name]).await.expect("query").is_some() }
+    };
+    assert!(
+        !left("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1").await,
+        "the slot is left"
+    );
+    assert!(
+        !left("SELECT 1 FROM pg_publication WHERE pubname = $1").await,
+        "the publication is left"
+    );
+    operator.abort();
+    drop(app);
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await;
+}

@@ -21,7 +21,7 @@ pub fn pg_port() -> u16 {
         .unwrap_or(5433)
 }
 
-async fn connect(port: u16, user: &str, password: &str, db: &str) -> Client {
+pub(crate) async fn connect(port: u16, user: &str, password: &str, db: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}"),
         NoTls,
@@ -758,4 +758,87 @@ async fn postgres_column_types_and_bad_rows() {
     assert!(relay.terminate().await.success(), "{}", relay.logs());
     db.drop_all(&format!("outbox_relay_{}", name.replace('-', "_")))
         .await;
+}
+
+/// `checkpointPolicy: Delete` on PostgreSQL: the operator's cleanup ends the
+/// backend still streaming from the relay's slot, drops the slot and the
+/// publication the relay created — and leaves a publication it did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_policy_drops_the_slot_and_the_relays_publication() {
+    use outbox_operator::cleanup::{drop_pg_objects, PgTarget};
+    let port = pg_port();
+    let db = PgDb::new("pgdrop", port).await;
+    let dir = Scratch::new("pgdrop");
+    let name = format!("pgd-{}", db.name);
+    let slot = outbox_relay::keys::pg_object_name(&name);
+    let topic = format!("{}.User", db.name);
+    create_topics(std::slice::from_ref(&topic), 1).await;
+    let http = free_port();
+    let mut relay = start(&dir, &pg_toml(&name, &db.name, port, &topic, http), http);
+    relay.wait_ready().await;
+    let exists = |sql: &'static str, name: String| {
+        let client = &db.app;
+        async move {
+            client
+                .query_opt(sql, &[&name])
+                .await
+                .expect("query")
+                .is_some()
+        }
+    };
+    const SLOT: &str = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1";
+    const PUBLICATION: &str = "SELECT 1 FROM pg_publication WHERE pubname = $1";
+    assert!(exists(SLOT, slot.clone()).await);
+    assert!(exists(PUBLICATION, slot.clone()).await);
+    // A publication of the user's, named as the relay would name one.
+    let other = format!("pgd-other-{}", db.name);
+    let other_default = outbox_relay::keys::pg_object_name(&other);
+    db.app
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {other_default} FOR TABLE outbox"
+        ))
+        .await
+        .expect("user's publication");
+
+    let target = |slot: Option<&'static str>| PgTarget {
+        host: "127.0.0.1",
+        port,
+        user: "relay",
+        password: RELAY_PASSWORD.into(),
+        database: &db.name,
+        slot,
+        publication: None,
+    };
+    // The relay still streams: its backend is ended first.
+    let note = drop_pg_objects(target(None), &name).await.expect("drop");
+    assert!(
+        note.contains("dropped; publication") && note.ends_with("dropped"),
+        "{note}"
+    );
+    assert!(!exists(SLOT, slot.clone()).await, "slot left behind");
+    assert!(
+        !exists(PUBLICATION, slot.clone()).await,
+        "publication left behind"
+    );
+    let note = drop_pg_objects(target(None), &other).await.expect("drop");
+    assert!(
+        note.contains("not present") && note.contains("kept"),
+        "{note}"
+    );
+    assert!(
+        exists(PUBLICATION, other_default.clone()).await,
+        "the user's publication was dropped"
+    );
+    let e = drop_pg_objects(
+        PgTarget {
+            password: "wrong-password".into(),
+            ..target(None)
+        },
+        &name,
+    )
+    .await
+    .expect_err("a wrong password");
+    assert!(!e.contains("wrong-password"), "{e}");
+    relay.kill().await;
+    db.drop_all(&slot).await;
 }
