@@ -15,6 +15,7 @@ use tracing::{debug, info};
 
 use crate::changes::{ChangeContext, ChangeTable};
 use crate::config::{Action, Config, MysqlConfig, OutboxConfig, TlsMode};
+use crate::election::Leadership;
 use crate::metrics::Metrics;
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
 use crate::outbox::{Mapper, RowContext, TableMapping};
@@ -1116,7 +1117,7 @@ impl source::Source for BinlogSource {
         cfg: Arc<Config>,
         (mut conn, info): (Conn, ServerInfo),
         stored: Option<Position>,
-        epoch: u64,
+        term: Arc<Leadership>,
         metrics: Metrics,
         // The server keeps its binlogs by its own expiry, not by readers.
         _durable: watch::Receiver<Option<Position>>,
@@ -1140,7 +1141,7 @@ impl source::Source for BinlogSource {
         drop(conn);
         let position = Position::Binlog(start.clone());
         Ok((
-            BinlogSource::new(cfg, info, start, epoch, metrics)?,
+            BinlogSource::new(cfg, info, start, term.epoch(), metrics)?,
             position,
         ))
     }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Columns, Config, OutboxConfig, PostgresConfig};
+use crate::election::Leadership;
 use crate::metrics::Metrics;
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
 use crate::outbox::{header, Mapper, OutboxRow, RowContext, TableMapping};
@@ -396,6 +397,9 @@ pub struct PgSource {
     /// The mapping of `pg_logical_emit_message` contents.
     message: Option<(Mapper, TableMapping)>,
     epoch: String,
+    /// The leadership this stream serves: a reconnect takes the slot from
+    /// another backend only while it is valid.
+    term: Arc<Leadership>,
     metrics: Metrics,
     client: Option<ReplicationClient>,
     relations: HashMap<u32, Arc<Relation>>,
@@ -428,7 +432,7 @@ impl PgSource {
     fn new(
         cfg: Arc<Config>,
         start: LsnPosition,
-        epoch: u64,
+        term: Arc<Leadership>,
         metrics: Metrics,
         durable: watch::Receiver<Option<Position>>,
     ) -> Result<PgSource, SourceError> {
@@ -471,7 +475,8 @@ impl PgSource {
             cfg,
             mappers,
             message,
-            epoch: epoch.to_string(),
+            epoch: term.epoch().to_string(),
+            term,
             metrics,
             client: None,
             relations: HashMap::new(),
@@ -492,9 +497,15 @@ impl PgSource {
             .with_start_lsn(PgLsn::from_u64(self.committed.lsn.0))
             .with_ack_lsn(PgLsn::from_u64(self.confirmed.0));
         let mut s = Session::connect(&self.cfg, rc).await?;
-        // Another backend may hold the slot (a reconnect racing the
-        // server's own cleanup, a paused earlier leader): this process
-        // leads, so it ends it.
+        // Another backend may hold the slot (our own from before a network
+        // break, until `wal_sender_timeout`; a paused earlier leader): while
+        // this process leads, it ends it. A process whose term is over
+        // leaves it alone (the pipeline stops it).
+        if !self.term.is_valid() {
+            return Err(SourceError::Transient(
+                "the leadership term is over: not taking the replication slot".into(),
+            ));
+        }
         end_stale_backend(&mut s, &p.slot(&self.cfg.name)).await?;
         let mut client = s.client;
         let user = p.user.clone();
@@ -639,15 +650,25 @@ impl PgSource {
                     });
                 }
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Outside a transaction, everything before the server's
-                // keepalive position was sent: an idle relay's position (and
-                // the slot's) follows the server.
+            ReplicationEvent::KeepAlive {
+                wal_end,
+                server_time_micros,
+                ..
+            } => {
+                // Outside a transaction, every transaction that committed
+                // before the keepalive's position was sent (pgoutput sends a
+                // transaction at its commit; one still open commits later,
+                // past it, and is sent then): an idle relay's position, and
+                // the slot's, follow the server. At most every 200 ms.
                 let end = Lsn(wal_end.as_u64());
-                if self.txn.is_none() && end > self.committed.lsn {
+                if self.txn.is_none()
+                    && end > self.committed.lsn
+                    && self.last_idle_commit.elapsed() >= IDLE_COMMIT_EVERY
+                {
+                    self.last_idle_commit = Instant::now();
                     self.committed = LsnPosition {
                         lsn: end,
-                        commit_ts: self.committed.commit_ts,
+                        commit_ts: unix_secs(server_time_micros),
                     };
                     self.out.push_back(SourceEvent::Commit {
                         position: Position::Lsn(self.committed.clone()),
@@ -955,7 +976,7 @@ impl source::Source for PgSource {
         cfg: Arc<Config>,
         opened: Opened,
         stored: Option<Position>,
-        epoch: u64,
+        term: Arc<Leadership>,
         metrics: Metrics,
         durable: watch::Receiver<Option<Position>>,
     ) -> Result<(PgSource, Position), SourceError> {
@@ -1007,7 +1028,7 @@ impl source::Source for PgSource {
         };
         drop(s);
         let position = Position::Lsn(start.clone());
-        let mut source = PgSource::new(cfg, start, epoch, metrics, durable)?;
+        let mut source = PgSource::new(cfg, start, term, metrics, durable)?;
         source.confirmed = confirmed;
         Ok((source, position))
     }

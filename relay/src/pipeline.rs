@@ -347,7 +347,7 @@ async fn lead_term<S: Source>(
         cfg.clone(),
         opened,
         stored.position,
-        epoch,
+        lead.clone(),
         metrics.clone(),
         progress.durable(),
     )

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::election::Leadership;
 use crate::metrics::Metrics;
 use crate::outbox::{BadRow, Record};
 use crate::position::{FilePos, Lsn, Position};
@@ -63,14 +64,17 @@ pub trait Source: Sized + Send + 'static {
     /// Begins a leadership term: resumes at `stored` (refused when the
     /// server no longer has it) or at `start_from`, and returns the stream
     /// and the position it starts at. Runs only while holding the lease.
-    /// `durable` tells the last position stored in the checkpoint (every
+    /// `term` is the leadership held (its epoch goes into every record; a
+    /// source that takes a server-side resource from another reader does so
+    /// only while it is valid). `durable` tells the last position stored in
+    /// the checkpoint (every
     /// record before it acknowledged): the server may release what is
     /// before it.
     fn begin(
         cfg: Arc<Config>,
         opened: Self::Opened,
         stored: Option<Position>,
-        epoch: u64,
+        term: Arc<Leadership>,
         metrics: Metrics,
         durable: watch::Receiver<Option<Position>>,
     ) -> impl Future<Output = Result<(Self, Position), SourceError>> + Send;

@@ -207,7 +207,8 @@ pub async fn latency(rate: u64, secs: u64) -> (Vec<Duration>, (f64, f64), u64) {
     );
     let opened = PgSource::open(&cfg).await.expect("preflight");
     let (_durable_tx, durable) = tokio::sync::watch::channel(None);
-    let (mut follower, _) = PgSource::begin(cfg, opened, None, 1, Metrics::new(), durable)
+    let term = outbox_relay::election::Leadership::fixed(1);
+    let (mut follower, _) = PgSource::begin(cfg, opened, None, term, Metrics::new(), durable)
         .await
         .expect("the follower's slot");
     let n = (rate * secs) as usize;
