@@ -155,6 +155,43 @@ impl PgDb {
     }
 }
 
+/// A PostgreSQL server of the test's own (`scripts/services.sh
+/// start-postgres`), stopped on drop — also when the test fails.
+struct PrivatePg {
+    dir: String,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl PrivatePg {
+    fn start(dir: &std::path::Path, args: &[&str]) -> PrivatePg {
+        let pg = PrivatePg {
+            dir: dir.join("pg").to_string_lossy().into_owned(),
+            port: free_port(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        pg.up();
+        pg
+    }
+
+    fn up(&self) {
+        let port = self.port.to_string();
+        let mut args = vec!["start-postgres", &self.dir, &port];
+        args.extend(self.args.iter().map(String::as_str));
+        services_sh(&args);
+    }
+
+    fn down(&self) {
+        services_sh(&["stop-dir", &self.dir]);
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
 fn pg_toml(name: &str, db: &str, port: u16, topic: &str, http_port: u16) -> String {
     format!(
         r#"name = "{name}"
@@ -289,19 +326,8 @@ async fn a_postgres_outbox_streams_through_sigkills() {
 async fn postgres_preflight_names_the_fix() {
     let dir = Scratch::new("pgpre");
     // A server of its own with wal_level = replica.
-    let replica_port = free_port();
-    let out = std::process::Command::new(root().join("scripts/services.sh"))
-        .args(["start-postgres"])
-        .arg(dir.0.join("pg"))
-        .arg(replica_port.to_string())
-        .args(["-c", "wal_level=replica"])
-        .output()
-        .expect("services.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let replica = PrivatePg::start(&dir.0, &["-c", "wal_level=replica"]);
+    let replica_port = replica.port;
     let db = PgDb::new("pgpre", replica_port).await;
     let http = free_port();
     let mut relay = start(
@@ -317,10 +343,7 @@ async fn postgres_preflight_names_the_fix() {
         "{logs}"
     );
     drop(db);
-    let _ = std::process::Command::new(root().join("scripts/services.sh"))
-        .arg("stop-dir")
-        .arg(dir.0.join("pg"))
-        .status();
+    drop(replica);
 
     // A role without REPLICATION on the shared server.
     let port = pg_port();
@@ -478,21 +501,8 @@ fn restarting_writer(port: u16, db: String, stop: Arc<AtomicBool>) -> tokio::tas
 async fn postgres_and_broker_restarts_lose_nothing() {
     services();
     let dir = Scratch::new("pgrestart");
-    let pg_dir = dir.0.join("pg");
-    let pg = free_port();
-    let services_sh = |args: &[&str]| {
-        let out = std::process::Command::new(root().join("scripts/services.sh"))
-            .args(args)
-            .output()
-            .expect("services.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let pg_dir_s = pg_dir.to_string_lossy().into_owned();
-    services_sh(&["start-postgres", &pg_dir_s, &pg.to_string()]);
+    let server = PrivatePg::start(&dir.0, &[]);
+    let pg = server.port;
     let private = PrivateBroker::start(&dir.0);
     let db = PgDb::new("pgrestart", pg).await;
     let name = format!("pgr-{}", db.name);
@@ -511,8 +521,8 @@ async fn postgres_and_broker_restarts_lose_nothing() {
     let writing = restarting_writer(pg, db.name.clone(), stop.clone());
     relay.wait_events(300).await;
 
-    services_sh(&["stop-dir", &pg_dir_s]);
-    services_sh(&["start-postgres", &pg_dir_s, &pg.to_string()]);
+    server.down();
+    server.up();
     let up = std::time::Instant::now();
     let n = relay.events().await;
     relay.wait_events(n + 1).await;
@@ -558,7 +568,6 @@ async fn postgres_and_broker_restarts_lose_nothing() {
     );
     assert!(relay.terminate().await.success(), "{}", relay.logs());
     drop(db);
-    services_sh(&["stop-dir", &pg_dir_s]);
 }
 
 /// Column types in the id, key, payload and headers columns, as PostgreSQL's
