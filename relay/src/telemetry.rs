@@ -5,9 +5,17 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| level.to_owned());
+    let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The PostgreSQL client logs each lost connection at ERROR, once per
+    // reconnect attempt; the relay logs an outage once (dependency=postgres)
+    // and its end once. Named in the filter, it is shown as asked.
+    if !spec.contains("pgwire_replication") {
+        filter = filter.add_directive("pgwire_replication=off".parse().expect("a valid directive"));
+    }
     // Colour only on a terminal: log files and collectors get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -538,6 +538,10 @@ async fn postgres_and_broker_restarts_lose_nothing() {
         (1, 1),
         "one line when the stream is lost, one when it is back:\n{logs}"
     );
+    assert!(
+        !logs.contains(" ERROR "),
+        "no ERROR line for an outage:\n{logs}"
+    );
     println!("first record {back:?} after PostgreSQL was up again");
     assert!(
         back < Duration::from_secs(3),
