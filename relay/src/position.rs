@@ -422,14 +422,6 @@ impl Position {
         }
     }
 
-    /// The binlog position, when it is one.
-    pub fn binlog(&self) -> Option<&BinlogPosition> {
-        match self {
-            Position::Binlog(b) => Some(b),
-            Position::Lsn(_) => None,
-        }
-    }
-
     /// Commit time (seconds since the epoch), 0 when unknown.
     pub fn commit_ts(&self) -> u32 {
         match self {
