@@ -513,9 +513,14 @@ impl PgSource {
             .start()
             .await
             .map_err(|e| classify("starting replication", e, &user))?;
-        client
-            .wait_started()
+        tokio::time::timeout(p.connect_timeout, client.wait_started())
             .await
+            .map_err(|_| {
+                SourceError::Transient(format!(
+                    "starting replication: no answer within {:?}",
+                    p.connect_timeout
+                ))
+            })?
             .map_err(|e| classify("starting replication", e, &user))?;
         info!(position = %self.committed.lsn, slot = %p.slot(&self.cfg.name), "replication stream opened");
         Ok(client)
