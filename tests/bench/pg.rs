@@ -8,30 +8,13 @@ use outbox_relay::config::Config;
 use outbox_relay::metrics::Metrics;
 use outbox_relay::pg::PgSource;
 use outbox_relay::source::{Source, SourceEvent};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::support::*;
 use crate::{bucket_quantile, payload, proc_stats, since_commit};
 
-fn pg_port() -> u16 {
-    std::env::var("OUTBOX_PG_PORT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5433)
-}
-
 async fn connect(user: &str, password: &str, db: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
-            pg_port()
-        ),
-        NoTls,
-    )
-    .await
-    .expect("connect to PostgreSQL");
-    tokio::spawn(conn);
-    client
+    pg_connect(pg_port(), user, password, db).await
 }
 
 /// A database of its own with the DESIGN outbox table and the relay's

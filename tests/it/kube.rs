@@ -1149,7 +1149,6 @@ async fn events_carry_the_latest_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
 async fn deleting_a_postgres_relay_drops_its_slot() {
-    use crate::postgres::{connect, pg_port};
     use outbox_relay::keys::{pg_object_name, publication_comment};
     services();
     let client = cluster().await;
@@ -1157,12 +1156,12 @@ async fn deleting_a_postgres_relay_drops_its_slot() {
     let ns = TestNamespace::create(&client, "obr-pgdrop").await;
     let port = pg_port();
     let db = format!("kdrop_{}", unique());
-    let admin = connect(port, "app", "app-password", "postgres").await;
+    let admin = pg_connect(port, "app", "app-password", "postgres").await;
     admin
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .expect("database");
-    let app = connect(port, "app", "app-password", &db).await;
+    let app = pg_connect(port, "app", "app-password", &db).await;
     let relay = outbox_operator::cleanup::relay_name(&ns.name, "users");
     let name = pg_object_name(&relay);
     app.batch_execute(&format!(
@@ -1174,7 +1173,7 @@ async fn deleting_a_postgres_relay_drops_its_slot() {
     .await
     .expect("outbox and publication");
     // The slot as the relay makes it (REPLICATION: the relay's role).
-    connect(port, "relay", RELAY_PASSWORD, &db)
+    pg_connect(port, "relay", RELAY_PASSWORD, &db)
         .await
         .batch_execute(&format!(
             "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"

@@ -13,25 +13,6 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::support::*;
 
-/// The shared PostgreSQL: `OUTBOX_PG_PORT`, default 5433.
-pub fn pg_port() -> u16 {
-    std::env::var("OUTBOX_PG_PORT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5433)
-}
-
-pub(crate) async fn connect(port: u16, user: &str, password: &str, db: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}"),
-        NoTls,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect to PostgreSQL {port}/{db} as {user}: {e}"));
-    tokio::spawn(conn);
-    client
-}
-
 /// A database of its own with a Debezium-shaped outbox table, owned by `app`.
 struct PgDb {
     name: String,
@@ -45,12 +26,12 @@ impl PgDb {
     async fn new(prefix: &str, port: u16) -> PgDb {
         services();
         let name = format!("{prefix}_{}", unique());
-        let admin = connect(port, "app", "app-password", "postgres").await;
+        let admin = pg_connect(port, "app", "app-password", "postgres").await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create database");
-        let app = connect(port, "app", "app-password", &name).await;
+        let app = pg_connect(port, "app", "app-password", &name).await;
         app.batch_execute(
             "CREATE TABLE outbox (
                  id bigserial PRIMARY KEY,
@@ -126,7 +107,7 @@ impl PgDb {
     /// The outbox rows as the database has them, in commit order (one writer).
     async fn rows(&self) -> Vec<(u64, Option<String>)> {
         // A connection of its own: the server may have restarted since.
-        connect(self.port, "app", "app-password", &self.name)
+        pg_connect(self.port, "app", "app-password", &self.name)
             .await
             .query("SELECT id, aggregateid FROM outbox ORDER BY id", &[])
             .await
@@ -145,7 +126,7 @@ impl PgDb {
             ))
             .await;
         drop(self.app);
-        let admin = connect(self.port, "app", "app-password", "postgres").await;
+        let admin = pg_connect(self.port, "app", "app-password", "postgres").await;
         let _ = admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -349,7 +330,7 @@ async fn postgres_preflight_names_the_fix() {
     let port = pg_port();
     let db = PgDb::new("pgrole", port).await;
     // The superuser scripts/services.sh sets up: `app` may not create roles.
-    let admin = connect(port, "postgres", "postgres-password", "postgres").await;
+    let admin = pg_connect(port, "postgres", "postgres-password", "postgres").await;
     let role = format!("norepl_{}", unique());
     admin
         .batch_execute(&format!(

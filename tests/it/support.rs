@@ -34,6 +34,23 @@ pub fn mysql_port() -> u16 {
     port("OUTBOX_MYSQL_PORT", 3307)
 }
 
+/// The shared PostgreSQL: `OUTBOX_PG_PORT`, default 5433.
+pub fn pg_port() -> u16 {
+    port("OUTBOX_PG_PORT", 5433)
+}
+
+/// A PostgreSQL client of the server at `port` (its connection driven by a task).
+pub async fn pg_connect(port: u16, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect to PostgreSQL {port}/{db} as {user}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
 /// The shared Redis: `OUTBOX_REDIS_PORT`, default 6390.
 pub fn redis_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
