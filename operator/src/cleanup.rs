@@ -1,10 +1,15 @@
 //! `checkpointPolicy: Delete`: a finalizer that deletes the relay's keys in
-//! Redis (checkpoint, Redis election lock and epoch) before the resource goes.
+//! Redis (checkpoint, Redis election lock and epoch), and with PostgreSQL its
+//! replication slot and publication, before the resource goes.
 
 use std::time::Duration;
 
 use outbox_relay::keys::{all_keys, DEFAULT_KEY_PREFIX};
+use postgres_native_tls::MakeTlsConnector;
 use redis::IntoConnectionInfo;
+use tokio_postgres::config::SslMode;
+
+use crate::crd::TlsMode;
 
 pub const FINALIZER: &str = "outboxrelay.dev/delete-checkpoint";
 
@@ -71,6 +76,43 @@ pub struct PgTarget<'a> {
     /// `spec.postgres.slot` / `.publication`, else the relay's defaults.
     pub slot: Option<&'a str>,
     pub publication: Option<&'a str>,
+    /// `spec.postgres.tls.mode` and its CA (PEM).
+    pub tls: Option<TlsMode>,
+    pub ca: Option<Vec<u8>>,
+}
+
+/// The server's message (tokio-postgres shows only "db error") or the
+/// connection's cause.
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+/// A connector for `sslmode` `mode` (libpq's meaning: `require` encrypts
+/// without verifying; `verify-ca` checks the chain, not the name).
+fn pg_tls(mode: TlsMode, ca: Option<&[u8]>) -> Result<MakeTlsConnector, String> {
+    let mut b = native_tls::TlsConnector::builder();
+    match mode {
+        TlsMode::Disabled => {}
+        TlsMode::Require => {
+            b.danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        TlsMode::VerifyCa | TlsMode::VerifyFull => {
+            b.danger_accept_invalid_hostnames(mode == TlsMode::VerifyCa);
+        }
+    }
+    if let Some(pem) = ca {
+        let cert = native_tls::Certificate::from_pem(pem)
+            .map_err(|e| format!("spec.postgres.tls.caSecret is not a PEM certificate: {e}"))?;
+        b.add_root_certificate(cert);
+    }
+    b.build()
+        .map(MakeTlsConnector::new)
+        .map_err(|e| format!("TLS to PostgreSQL: {e}"))
 }
 
 /// Drops the relay's replication slot (ending a backend still streaming
@@ -89,9 +131,26 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
         .dbname(target.database)
         .connect_timeout(Duration::from_secs(10));
     let at = format!("postgres {}:{}", target.host, target.port);
+    let tls = match target.tls {
+        None | Some(TlsMode::Disabled) => None,
+        Some(mode) => {
+            config.ssl_mode(SslMode::Require);
+            Some(pg_tls(mode, target.ca.as_deref()).map_err(|e| format!("{at}: {e}"))?)
+        }
+    };
     let work = async {
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let client = match tls {
+            None => {
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client
+            }
+            Some(tls) => {
+                let (client, conn) = config.connect(tls).await?;
+                tokio::spawn(conn);
+                client
+            }
+        };
         client
             .execute(
                 "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
@@ -155,7 +214,7 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
     };
     match tokio::time::timeout(Duration::from_secs(30), work).await {
         Ok(Ok(note)) => Ok(note),
-        Ok(Err(e)) => Err(format!("{at}: {e}")),
+        Ok(Err(e)) => Err(format!("{at}: {}", pg_error(&e))),
         Err(_) => Err(format!("{at}: no answer within 30s")),
     }
 }

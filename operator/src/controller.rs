@@ -476,16 +476,24 @@ async fn delete_checkpoint(
                 "waiting for the relay pods to stop before dropping the replication slot"
                     .to_string(),
             ),
-            true => match secret_value(
-                &secrets,
-                ns,
-                Some(&pg.password_secret),
-                "spec.postgres.passwordSecret",
-            )
-            .await?
-            {
-                Err(e) => Err(e),
-                Ok(password) => {
+            true => match (
+                secret_value(
+                    &secrets,
+                    ns,
+                    Some(&pg.password_secret),
+                    "spec.postgres.passwordSecret",
+                )
+                .await?,
+                secret_value(
+                    &secrets,
+                    ns,
+                    pg.tls.as_ref().and_then(|t| t.ca_secret.as_ref()),
+                    "spec.postgres.tls.caSecret",
+                )
+                .await?,
+            ) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(password), Ok(ca)) => {
                     let target = cleanup::PgTarget {
                         host: &pg.host,
                         port: pg.port.unwrap_or(5432) as u16,
@@ -496,6 +504,8 @@ async fn delete_checkpoint(
                         database: &pg.database,
                         slot: pg.slot.as_deref(),
                         publication: pg.publication.as_deref(),
+                        tls: pg.tls.as_ref().map(|t| t.mode),
+                        ca,
                     };
                     cleanup::drop_pg_objects(target, &relay).await.map(Some)
                 }

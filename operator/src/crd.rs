@@ -159,7 +159,7 @@ pub struct MysqlSpec {
     pub server_id: Option<u32>,
     /// TLS to the server; default `mode: disabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<MysqlTls>,
+    pub tls: Option<ServerTls>,
     /// The outbox tables and how their rows become records (may be empty
     /// with `spec.changes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,6 +210,9 @@ pub struct PostgresSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_retained_wal_bytes: Option<i64>,
+    /// TLS to the server (libpq's `sslmode`); default `mode: disabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
     /// The outbox tables (`database` is the table's schema, e.g. `public`).
     #[schemars(length(min = 1))]
     pub outboxes: Vec<OutboxTable>,
@@ -221,7 +224,7 @@ pub struct PostgresSpec {
     "rule": "self.mode in ['disabled', 'require'] || has(self.caSecret)",
     "message": "caSecret is required with mode verify-ca or verify-full"
 }]))]
-pub struct MysqlTls {
+pub struct ServerTls {
     /// `disabled`, `require` (encrypted, not verified), `verify-ca` (the
     /// server's certificate signed by `caSecret`) or `verify-full` (and its
     /// name matches `host`).

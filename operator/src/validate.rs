@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::crd::{
-    BadRowPolicy, ChangesSpec, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, TlsMode,
+    BadRowPolicy, ChangesSpec, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, ServerTls, TlsMode,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +40,7 @@ pub enum SecretUse {
     MysqlPassword,
     MysqlCa,
     PostgresPassword,
+    PostgresCa,
     RedisPassword,
     RedisCa,
     /// A librdkafka property, e.g. `sasl.password`.
@@ -58,6 +59,7 @@ impl std::fmt::Display for SecretUse {
             SecretUse::MysqlPassword => f.write_str("spec.mysql.passwordSecret"),
             SecretUse::MysqlCa => f.write_str("spec.mysql.tls.caSecret"),
             SecretUse::PostgresPassword => f.write_str("spec.postgres.passwordSecret"),
+            SecretUse::PostgresCa => f.write_str("spec.postgres.tls.caSecret"),
             SecretUse::RedisPassword => f.write_str("spec.redis.passwordSecret"),
             SecretUse::RedisCa => f.write_str("spec.redis.caSecret"),
             SecretUse::KafkaProperty(p) => write!(f, "spec.kafka.secretProperties.{p}"),
@@ -102,19 +104,8 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
                 SecretUse::MysqlPassword,
                 checked_ref("mysql.passwordSecret", &m.password_secret)?,
             ));
-            if let Some(tls) = &m.tls {
-                match (&tls.mode, &tls.ca_secret) {
-                    (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => {
-                        return Err(err(
-                            "mysql.tls.caSecret",
-                            "is required with mode verify-ca or verify-full",
-                        ))
-                    }
-                    (_, Some(ca)) => {
-                        secrets.push((SecretUse::MysqlCa, checked_ref("mysql.tls.caSecret", ca)?))
-                    }
-                    _ => {}
-                }
+            if let Some(ca) = server_ca("mysql", m.tls.as_ref())? {
+                secrets.push((SecretUse::MysqlCa, ca));
             }
             ("mysql", &m.outboxes)
         }
@@ -135,6 +126,9 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
                 SecretUse::PostgresPassword,
                 checked_ref("postgres.passwordSecret", &p.password_secret)?,
             ));
+            if let Some(ca) = server_ca("postgres", p.tls.as_ref())? {
+                secrets.push((SecretUse::PostgresCa, ca));
+            }
             ("postgres", &p.outboxes)
         }
         (Some(_), Some(_)) => {
@@ -340,6 +334,21 @@ pub fn is_secret_property(k: &str) -> bool {
         || k.contains("secret")
         || k == "ssl.key.pem"
         || k == "sasl.oauthbearer.config"
+}
+
+/// The CA Secret of `spec.<section>.tls`, demanded by the verifying modes.
+fn server_ca(
+    section: &str,
+    tls: Option<&ServerTls>,
+) -> Result<Option<SecretKeyRef>, ValidationError> {
+    match tls.map(|t| (t.mode, &t.ca_secret)) {
+        Some((TlsMode::VerifyCa | TlsMode::VerifyFull, None)) => Err(err(
+            format!("{section}.tls.caSecret"),
+            "is required with mode verify-ca or verify-full",
+        )),
+        Some((_, Some(ca))) => checked_ref(&format!("{section}.tls.caSecret"), ca).map(Some),
+        _ => Ok(None),
+    }
 }
 
 fn checked_ref(field: &str, r: &SecretKeyRef) -> Result<SecretKeyRef, ValidationError> {

@@ -279,6 +279,9 @@ pub struct PostgresConfig {
     pub max_retained_wal_bytes: u64,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to the server (`sslmode`); default `mode = "disabled"`.
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(skip)]
     pub password: Secret,
 }
@@ -335,6 +338,19 @@ pub struct TlsConfig {
     /// PEM CA bundle to verify the server with (`verify-ca`, `verify-full`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// `section` names the config section in the error (`mysql`, `postgres`).
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        if matches!(self.mode, TlsMode::VerifyCa | TlsMode::VerifyFull) && self.ca_file.is_none() {
+            return Err(invalid(
+                format!("{section}.tls.ca_file"),
+                "required with mode verify-ca or verify-full",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -1127,16 +1143,7 @@ impl MysqlConfig {
         if self.heartbeat.is_zero() {
             return Err(invalid("mysql.heartbeat", "must be greater than 0"));
         }
-        if self.tls.mode != TlsMode::Disabled
-            && self.tls.mode != TlsMode::Require
-            && self.tls.ca_file.is_none()
-        {
-            return Err(invalid(
-                "mysql.tls.ca_file",
-                "required with mode verify-ca or verify-full",
-            ));
-        }
-        Ok(())
+        self.tls.validate("mysql")
     }
 }
 
@@ -1164,7 +1171,7 @@ impl PostgresConfig {
                 ));
             }
         }
-        Ok(())
+        self.tls.validate("postgres")
     }
 }
 
@@ -1356,6 +1363,29 @@ url = "redis://127.0.0.1:6379/0"
         ] {
             let e = parse(&format!("{MINIMAL}{changes}")).expect_err(field).to_string();
             assert!(e.contains(field), "{e} does not name {field}");
+        }
+    }
+
+    #[test]
+    fn a_verifying_tls_mode_needs_its_ca_file() {
+        let pg = MINIMAL.replace(
+            "[mysql]\nhost = \"127.0.0.1\"\nuser = \"relay\"",
+            "[postgres]\nhost = \"127.0.0.1\"\nuser = \"relay\"\ndatabase = \"shop\"",
+        );
+        for (db, text) in [("mysql", MINIMAL), ("postgres", pg.as_str())] {
+            let verify = text.replace(
+                "user = \"relay\"",
+                "user = \"relay\"\ntls = { mode = \"verify-full\" }",
+            );
+            let e = parse(&verify).expect_err(db).to_string();
+            assert!(e.contains(&format!("{db}.tls.ca_file")), "{e}");
+            let require = verify.replace("verify-full", "require");
+            let c = parse(&require).expect(db);
+            let mode = c
+                .mysql
+                .map(|m| m.tls.mode)
+                .or(c.postgres.map(|p| p.tls.mode));
+            assert_eq!(mode, Some(TlsMode::Require));
         }
     }
 

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use pgwire_replication::{
     Lsn as PgLsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+    TlsConfig as PgTls,
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Columns, Config, OutboxConfig, PostgresConfig};
+use crate::config::{Columns, Config, OutboxConfig, PostgresConfig, TlsConfig, TlsMode};
 use crate::election::Leadership;
 use crate::metrics::Metrics;
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
@@ -49,13 +50,24 @@ fn classify(context: &str, e: PgWireError, user: &str) -> SourceError {
     let lower = text.to_ascii_lowercase();
     let definite = |fix: &str| SourceError::Definite(format!("{context}: {text}. {fix}"));
     match &e {
+        // A certificate or setting a retry cannot change; a handshake cut
+        // short by the network is retried.
+        PgWireError::Tls(_)
+            if lower.contains("certificate")
+                || lower.contains("config error")
+                || lower.contains("does not support tls")
+                || lower.contains("sni") =>
+        {
+            definite("Check postgres.tls (mode, ca_file) against the server's ssl settings and certificate")
+        }
         PgWireError::Auth(_) => definite(
             "Check postgres.user and the password (OUTBOX_RELAY_POSTGRES_PASSWORD or postgres.password_file)",
         ),
         _ if lower.contains("password authentication failed")
-            || lower.contains("no pg_hba.conf entry") =>
+            || lower.contains("no pg_hba.conf entry")
+            || lower.contains("pg_hba.conf rejects") =>
         {
-            definite("Check postgres.user, the password (OUTBOX_RELAY_POSTGRES_PASSWORD or postgres.password_file) and pg_hba.conf")
+            definite("Check postgres.user, the password (OUTBOX_RELAY_POSTGRES_PASSWORD or postgres.password_file), postgres.tls and pg_hba.conf")
         }
         _ if lower.contains("must be superuser or replication role")
             || lower.contains("permission denied to start wal sender")
@@ -67,6 +79,13 @@ fn classify(context: &str, e: PgWireError, user: &str) -> SourceError {
                  cloudsql.logical_decoding = on and ALTER USER ... WITH REPLICATION)"
             ))
         }
+        // Retried: a WAL sender of a relay gone away ends within
+        // wal_sender_timeout.
+        _ if lower.contains("max_wal_senders") => SourceError::Transient(format!(
+            "{context}: {text}. Fix: raise max_wal_senders (ALTER SYSTEM SET max_wal_senders = ...; \
+             restart the server) or end an unused WAL sender (SELECT pid, application_name FROM \
+             pg_stat_replication; SELECT pg_terminate_backend(pid))"
+        )),
         _ if lower.contains("does not exist") && lower.contains("database") => {
             definite("Check postgres.database")
         }
@@ -84,8 +103,20 @@ fn replication_config(p: &PostgresConfig, relay: &str) -> ReplicationConfig {
         p.publication(relay),
     )
     .with_port(p.port)
+    .with_tls(tls_config(&p.tls))
     .with_status_interval(Duration::from_secs(1))
     .with_application_name(format!("outbox-relay {relay}"))
+}
+
+/// `postgres.tls` as the client's `sslmode` (the CA file of the verifying
+/// modes is demanded by the config's validation).
+fn tls_config(t: &TlsConfig) -> PgTls {
+    match t.mode {
+        TlsMode::Disabled => PgTls::disabled(),
+        TlsMode::Require => PgTls::require(),
+        TlsMode::VerifyCa => PgTls::verify_ca(t.ca_file.clone()),
+        TlsMode::VerifyFull => PgTls::verify_full(t.ca_file.clone()),
+    }
 }
 
 /// A gated replication session (`replication=database`): SQL before
@@ -220,6 +251,21 @@ async fn preflight(s: &mut Session, cfg: &Config) -> Result<String, SourceError>
                 )));
             }
         }
+    }
+    // A leading relay holds two WAL senders (the stream, the status's head
+    // queries; this session is one of them); a standby taking over needs
+    // its own before the old leader's are ended.
+    let used: u64 = num(s
+        .value("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'")
+        .await?);
+    let max_senders: u64 = num(s.value("SHOW max_wal_senders").await?);
+    if max_senders.saturating_sub(used) < 2 {
+        warn!(
+            "{used} of max_wal_senders = {max_senders} WAL senders are in use (this relay's included): \
+             a leading relay holds two and a standby taking over needs two more. Fix: raise \
+             max_wal_senders (ALTER SYSTEM SET max_wal_senders = {}; restart the server)",
+            used + 4
+        );
     }
     for (i, o) in cfg.outboxes.iter().enumerate() {
         let name = format!("{}.{}", ident(&o.database), ident(&o.table));

@@ -301,8 +301,148 @@ async fn a_postgres_outbox_streams_through_sigkills() {
     db.drop_all(&slot).await;
 }
 
+/// TLS to PostgreSQL against a server of the test's own (its certificates
+/// from the test's CA) whose pg_hba.conf rejects the relay's role without
+/// TLS: `require`, `verify-ca` and `verify-full` stream; a CA that did not
+/// sign the certificate, and `require` against a server without TLS, stop
+/// the relay naming postgres.tls; the operator's slot cleanup speaks TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_require_verify_and_a_wrong_ca() {
+    use outbox_operator::cleanup::{drop_pg_objects, PgTarget};
+    use outbox_operator::crd::TlsMode;
+    let dir = Scratch::new("pgtls");
+    let certs_dir = dir.0.join("pgcerts");
+    let certs = crate::security::make_certs(&certs_dir);
+    let hba = certs_dir.join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "hostnossl all relay 127.0.0.1/32 reject\n\
+         host all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .expect("pg_hba.conf");
+    // The server reads its key only when it alone can.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&certs.key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id");
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&certs_dir)
+            .status()
+            .expect("chown");
+        assert!(chown.success());
+    }
+    let setting = |k: &str, v: &std::path::Path| format!("{k}={}", v.display());
+    let server = PrivatePg::start(
+        &dir.0,
+        &[
+            "-c",
+            "ssl=on",
+            "-c",
+            &setting("ssl_cert_file", &certs.cert),
+            "-c",
+            &setting("ssl_key_file", &certs.key),
+            "-c",
+            &setting("hba_file", &hba),
+        ],
+    );
+    let port = server.port;
+    let db = PgDb::new("pgtls", port).await;
+    let name = format!("pgtls-{}", db.name);
+    let slot = outbox_relay::keys::pg_object_name(&name);
+    let topic = format!("{}.User", db.name);
+    create_topics(std::slice::from_ref(&topic), 1).await;
+    let run = |tls: &str, port: u16| {
+        let http = free_port();
+        let mut toml = pg_toml(&name, &db.name, port, &topic, http);
+        if tls.contains("host =") {
+            toml = toml.replace("host = \"127.0.0.1\"\n", "");
+        }
+        let toml = toml.replace("[postgres]\n", &format!("[postgres]\n{tls}\n"));
+        start(&dir, &toml, http)
+    };
+    let ca = |mode: &str, ca: &std::path::Path| {
+        format!(
+            "tls = {{ mode = \"{mode}\", ca_file = \"{}\" }}",
+            ca.display()
+        )
+    };
+    let mut rows = Vec::new();
+    for tls in [
+        "tls = { mode = \"require\" }".to_string(),
+        ca("verify-ca", &certs.ca),
+        // verify-full checks the name: the certificate's DNS name.
+        ca("verify-full", &certs.ca) + "\nhost = \"localhost\"",
+    ] {
+        let mut relay = run(&tls, port);
+        relay.wait_ready().await;
+        let written = db.write(3).await;
+        relay.wait_events(written.len() as u64).await;
+        rows.extend(written);
+        assert!(relay.terminate().await.success(), "{tls}: {}", relay.logs());
+    }
+    let recs = read_topics(
+        std::slice::from_ref(&topic),
+        rows.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    check(&rows, &recs).assert_complete();
+
+    // Without TLS the server refuses the role: the runs above were encrypted.
+    run("", port)
+        .wait_failure(&["pg_hba.conf rejects", "postgres.tls"])
+        .await;
+    // verify-full with an IP address is refused before connecting.
+    run(&ca("verify-full", &certs.ca), port)
+        .wait_failure(&["is an IP address", "postgres.tls"])
+        .await;
+    // A CA that did not sign the server's certificate.
+    let logs = run(&ca("verify-ca", &certs.other_ca), port)
+        .wait_failure(&["postgres.tls"])
+        .await;
+    assert!(logs.to_ascii_lowercase().contains("certificate"), "{logs}");
+    // TLS asked of a server without it (the shared one).
+    run("tls = { mode = \"require\" }", pg_port())
+        .wait_failure(&["does not support TLS", "postgres.tls"])
+        .await;
+
+    // The operator's cleanup (checkpointPolicy: Delete) over TLS.
+    let target = |tls: Option<TlsMode>, ca: &std::path::Path| PgTarget {
+        host: "127.0.0.1",
+        port,
+        user: "relay",
+        password: RELAY_PASSWORD.into(),
+        database: &db.name,
+        slot: None,
+        publication: None,
+        tls,
+        ca: Some(std::fs::read(ca).expect("ca")),
+    };
+    let e = drop_pg_objects(target(None, &certs.ca), &name)
+        .await
+        .expect_err("refused without TLS");
+    assert!(e.contains("pg_hba.conf"), "{e}");
+    let e = drop_pg_objects(target(Some(TlsMode::VerifyFull), &certs.other_ca), &name)
+        .await
+        .expect_err("a wrong CA");
+    assert!(e.to_ascii_lowercase().contains("certificate"), "{e}");
+    let note = drop_pg_objects(target(Some(TlsMode::VerifyFull), &certs.ca), &name)
+        .await
+        .expect("drop over TLS");
+    assert!(
+        note.starts_with(&format!("replication slot {slot}: dropped")),
+        "{note}"
+    );
+    db.drop_all(&slot).await;
+}
+
 /// Wrong settings stop the relay with the setting and its fix: a server
-/// without `wal_level = logical`, a role without REPLICATION.
+/// without `wal_level = logical`, a role without REPLICATION; too few WAL
+/// senders are named (and retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_preflight_names_the_fix() {
     let dir = Scratch::new("pgpre");
@@ -325,6 +465,38 @@ async fn postgres_preflight_names_the_fix() {
     );
     drop(db);
     drop(replica);
+
+    // Two WAL senders: the relay warns that a standby could not take over;
+    // one more relay makes three wanted: a refused connection is retried and
+    // logged with the fix.
+    let one = PrivatePg::start(&dir.0.join("senders"), &["-c", "max_wal_senders=2"]);
+    let db = PgDb::new("pgsend", one.port).await;
+    let http = free_port();
+    let mut first = start(&dir, &pg_toml("send1", &db.name, one.port, "t", http), http);
+    first.wait_ready().await;
+    assert!(
+        first.logs().contains("WAL senders are in use"),
+        "{}",
+        first.logs()
+    );
+    let http = free_port();
+    let mut second = start(&dir, &pg_toml("send2", &db.name, one.port, "t", http), http);
+    wait_for(
+        "a refused connection's fix in a log",
+        Duration::from_secs(30),
+        || {
+            let logs = first.logs() + &second.logs();
+            let fix = logs.contains("exceeds max_wal_senders")
+                && logs.contains("or end an unused WAL sender");
+            async move { fix.then_some(()) }
+        },
+    )
+    .await;
+    assert!(first.alive() && second.alive(), "retried, not given up");
+    second.kill().await;
+    first.kill().await;
+    drop(db);
+    drop(one);
 
     // A role without REPLICATION on the shared server.
     let port = pg_port();
@@ -804,6 +976,8 @@ async fn delete_policy_drops_the_slot_and_the_relays_publication() {
         database: &db.name,
         slot,
         publication: None,
+        tls: None,
+        ca: None,
     };
     // The relay still streams: its backend is ended first.
     let note = drop_pg_objects(target(None), &name).await.expect("drop");

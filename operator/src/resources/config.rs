@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Serialize;
 
 use crate::cleanup::relay_name;
-use crate::crd::{BadRowPolicy, ChangeAction, ColumnPreset, OutboxTable, TlsMode};
+use crate::crd::{BadRowPolicy, ChangeAction, ColumnPreset, OutboxTable, ServerTls, TlsMode};
 use crate::resources::child_meta;
 use crate::resources::rbac::lease_name;
 use crate::validate::{SecretUse, ValidatedRelay};
@@ -18,6 +18,8 @@ pub const CONFIG_DIR: &str = "/etc/outbox-relay";
 pub const CONFIG_FILE: &str = "relay.toml";
 /// Where the MySQL CA Secret is mounted.
 pub const MYSQL_CA_DIR: &str = "/etc/outbox-relay/mysql-ca";
+/// Where the PostgreSQL CA Secret is mounted.
+pub const POSTGRES_CA_DIR: &str = "/etc/outbox-relay/postgres-ca";
 /// Where the Redis CA Secret is mounted.
 pub const REDIS_CA_DIR: &str = "/etc/outbox-relay/redis-ca";
 /// Where the NATS CA Secret is mounted.
@@ -77,6 +79,8 @@ struct Postgres<'a> {
     message_prefix: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_retained_wal_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
 }
 
 #[derive(Serialize)]
@@ -235,7 +239,15 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             .find(|(u, _)| *u == use_)
             .map(|(_, k)| format!("{dir}/{}", k.key))
     };
-    let ca = mounted(SecretUse::MysqlCa, MYSQL_CA_DIR);
+    let tls = |t: &ServerTls, ca: Option<String>| Tls {
+        mode: match t.mode {
+            TlsMode::Disabled => "disabled",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        },
+        ca_file: ca,
+    };
     let file = File {
         // Unique per namespace: keys the checkpoint in a shared Redis.
         name: relay_name(&r.namespace, &r.name),
@@ -245,15 +257,10 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             port: m.port.unwrap_or(3306),
             user: &m.user,
             server_id: r.server_id,
-            tls: m.tls.as_ref().map(|t| Tls {
-                mode: match t.mode {
-                    TlsMode::Disabled => "disabled",
-                    TlsMode::Require => "require",
-                    TlsMode::VerifyCa => "verify-ca",
-                    TlsMode::VerifyFull => "verify-full",
-                },
-                ca_file: ca.clone(),
-            }),
+            tls: m
+                .tls
+                .as_ref()
+                .map(|t| tls(t, mounted(SecretUse::MysqlCa, MYSQL_CA_DIR))),
         }),
         postgres: s.postgres.as_ref().map(|p| Postgres {
             host: &p.host,
@@ -265,6 +272,10 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             create: p.create,
             message_prefix: p.message_prefix.as_deref(),
             max_retained_wal_bytes: p.max_retained_wal_bytes,
+            tls: p
+                .tls
+                .as_ref()
+                .map(|t| tls(t, mounted(SecretUse::PostgresCa, POSTGRES_CA_DIR))),
         }),
         outbox: s
             .mysql
@@ -412,6 +423,55 @@ mod tests {
             !toml.contains("nats-relay"),
             "a Secret name in the config:\n{toml}"
         );
+    }
+
+    #[test]
+    fn postgres_section_with_its_tls_ca_mounted() {
+        let start = FULL.find("mysql:\n").expect("mysql");
+        let end = FULL.find("kafka:\n").expect("kafka");
+        let pg = r#"postgres:
+  host: pg.shop.svc
+  database: shop
+  user: relay
+  passwordSecret: {name: pg-relay, key: password}
+  tls: {mode: verify-full, caSecret: {name: pg-ca, key: ca.crt}}
+  outboxes:
+    - database: public
+      columnPreset: Debezium
+"#;
+        let yaml = format!("{}{pg}{}", &FULL[..start], &FULL[end..]);
+        let v = validate(&fixture(&yaml)).expect("valid");
+        let toml = relay_toml(&v);
+        assert!(
+            toml.contains("[postgres.tls]\nmode = \"verify-full\"\nca_file = \"/etc/outbox-relay/postgres-ca/ca.crt\"\n"),
+            "{toml}"
+        );
+        assert!(
+            !toml.contains("pg-ca") && !toml.contains("pg-relay"),
+            "{toml}"
+        );
+        let d = crate::resources::deployment::build_deployment(&v, "relay:1", "h");
+        let pod = d.spec.expect("spec").template.spec.expect("pod");
+        let volume = pod
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .find(|v| v.name == "postgres-ca");
+        assert_eq!(
+            volume
+                .and_then(|v| v.secret)
+                .and_then(|s| s.secret_name)
+                .as_deref(),
+            Some("pg-ca")
+        );
+        let mounted = pod.containers[0].volume_mounts.iter().flatten().any(|m| {
+            m.name == "postgres-ca" && m.mount_path == POSTGRES_CA_DIR && m.read_only == Some(true)
+        });
+        assert!(mounted, "the CA is mounted read-only at {POSTGRES_CA_DIR}");
+
+        let no_ca = yaml.replace(", caSecret: {name: pg-ca, key: ca.crt}", "");
+        let e = validate(&fixture(&no_ca)).expect_err("verify-full without a CA");
+        assert_eq!(e.field, "postgres.tls.caSecret", "{e:?}");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 
 use crate::resources::config::{
-    CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR, NATS_CA_DIR, NATS_CREDS_DIR, REDIS_CA_DIR,
+    CONFIG_DIR, CONFIG_FILE, HTTP_PORT, MYSQL_CA_DIR, NATS_CA_DIR, NATS_CREDS_DIR, POSTGRES_CA_DIR,
+    REDIS_CA_DIR,
 };
 use crate::resources::{child_meta, child_name, labels};
 use crate::validate::{SecretUse, ValidatedRelay};
@@ -42,6 +43,7 @@ pub fn env_name(use_: &SecretUse) -> Option<String> {
         SecretUse::NatsToken => Some("OUTBOX_RELAY_NATS_TOKEN".into()),
         SecretUse::NatsNkey => Some("OUTBOX_RELAY_NATS_NKEY".into()),
         SecretUse::MysqlCa
+        | SecretUse::PostgresCa
         | SecretUse::RedisCa
         | SecretUse::NatsCa
         | SecretUse::NatsCredentials => None,
@@ -53,6 +55,7 @@ pub fn env_name(use_: &SecretUse) -> Option<String> {
 fn mount_of(use_: &SecretUse) -> Option<(&'static str, &'static str)> {
     match use_ {
         SecretUse::MysqlCa => Some(("mysql-ca", MYSQL_CA_DIR)),
+        SecretUse::PostgresCa => Some(("postgres-ca", POSTGRES_CA_DIR)),
         SecretUse::RedisCa => Some(("redis-ca", REDIS_CA_DIR)),
         SecretUse::NatsCa => Some(("nats-ca", NATS_CA_DIR)),
         SecretUse::NatsCredentials => Some(("nats-creds", NATS_CREDS_DIR)),
