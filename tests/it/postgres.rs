@@ -230,10 +230,11 @@ fn start(dir: &Scratch, toml: &str, port: u16) -> Relay {
 
 /// The Debezium demo's flow on PostgreSQL: outbox rows and outbox messages
 /// written with users in one transaction reach Kafka, every one by id and
-/// in order per key, through two SIGKILLs; the slot confirms only what the
-/// checkpoint holds; the status shows the LSN and the retained WAL.
+/// in order per key, through a SIGTERM (nothing sent again after it) and two
+/// SIGKILLs; the slot confirms only what the checkpoint holds; the status
+/// shows the LSN and the retained WAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_outbox_streams_through_sigkills() {
+async fn a_postgres_outbox_streams_through_sigterm_and_sigkills() {
     let port = pg_port();
     let db = PgDb::new("pgout", port).await;
     let dir = Scratch::new("pgout");
@@ -249,8 +250,31 @@ async fn a_postgres_outbox_streams_through_sigkills() {
     let db = Arc::new(db);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = writer(db.clone(), stop.clone());
+    // SIGTERM: the open transaction finished, flushed, a final checkpoint;
+    // the next process sends none of it again.
+    relay.wait_events(300).await;
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
+    assert!(
+        relay.logs().contains("final checkpoint stored"),
+        "{}",
+        relay.logs()
+    );
+    let before = read_topics(&topics, 0, Duration::from_secs(10)).await;
+    let covered: Vec<(u64, Option<String>)> =
+        before.iter().map(|r| (r.id(), Some(r.key_str()))).collect();
+    let http = free_port();
+    relay = start(&dir, &pg_toml(&name, &db.name, port, &topic, http), http);
+    relay.wait_ready().await;
     for after in [400u64, 800] {
         relay.wait_events(after).await;
+        if after == 400 {
+            let recs = read_topics(&topics, 0, Duration::from_secs(10)).await;
+            let r = check(&covered, &recs);
+            assert!(
+                r.duplicates == 0 && r.missing.is_empty(),
+                "no replay after a graceful stop: {r:?}"
+            );
+        }
         relay.kill().await;
         let http = free_port();
         relay = start(&dir, &pg_toml(&name, &db.name, port, &topic, http), http);
@@ -267,7 +291,7 @@ async fn a_postgres_outbox_streams_through_sigkills() {
         "every record carries its LSN"
     );
     println!(
-        "postgres crash test: {} rows, {} records, {} duplicates after 2 SIGKILLs",
+        "postgres crash test: {} rows, {} records, {} duplicates after a SIGTERM and 2 SIGKILLs",
         rows.len(),
         recs.len(),
         report.duplicates
@@ -299,6 +323,96 @@ async fn a_postgres_outbox_streams_through_sigkills() {
     assert!(relay.terminate().await.success(), "{}", relay.logs());
     let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
     db.drop_all(&slot).await;
+}
+
+/// A 100,000-row transaction of ~1 KB rows (over 100 MB of WAL for one
+/// commit) and 1 MB payloads on a server of the test's own: the relay
+/// streams the rows as pgoutput sends them, so its memory stays far below the
+/// transaction's size; nothing missing, the large payloads intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_postgres_transaction_and_megabyte_payloads_keep_memory_bounded() {
+    let dir = Scratch::new("pgbig");
+    let server = PrivatePg::start(&dir.0, &[]);
+    let db = PgDb::new("pgbig", server.port).await;
+    let name = format!("pgbig-{}", db.name);
+    let topics = vec![format!("{}.User", db.name)];
+    create_topics(&topics, 3).await;
+    let http = free_port();
+    let toml = pg_toml(&name, &db.name, server.port, &topics[0], http).replace(
+        "[kafka]\n",
+        "[kafka]\nproperties = { \"message.max.bytes\" = \"3000000\" }\n",
+    );
+    let mut relay = start(&dir, &toml, http);
+    relay.wait_ready().await;
+    let idle = peak_rss(relay.pid());
+    let wal_before: String = db
+        .app
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    db.app
+        .batch_execute(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload)
+             SELECT 'User', 'k' || (g % 100), 'Created',
+                    jsonb_build_object('n', g, 'pad', repeat('x', 1000))
+             FROM generate_series(1, 100000) g",
+        )
+        .await
+        .expect("huge transaction");
+    for t in 0..4 {
+        db.app
+            .batch_execute(&format!(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload)
+                 SELECT 'User', 'big' || (g % 3), 'Created',
+                        jsonb_build_object('i', g, 'pad', repeat('y', 1000000))
+                 FROM generate_series({}, {}) g",
+                t * 6,
+                t * 6 + 5
+            ))
+            .await
+            .expect("megabyte rows");
+    }
+    let wal: i64 = db
+        .app
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::bigint",
+            &[&wal_before],
+        )
+        .await
+        .expect("wal")
+        .get(0);
+    let rows = db.rows().await;
+    assert_eq!(rows.len(), 100_024);
+    let recs = read_topics(&topics, rows.len(), Duration::from_secs(300)).await;
+    assert!(relay.alive(), "{}", relay.logs());
+    let peak = peak_rss(relay.pid());
+    println!(
+        "huge postgres transaction: relay RSS {} MB idle, {} MB peak, for {} MB of WAL",
+        idle >> 20,
+        peak >> 20,
+        wal >> 20
+    );
+    assert!(wal > 100 << 20, "the test wrote {wal} bytes of WAL");
+    assert!(
+        peak < 100 << 20,
+        "peak RSS {} MB: memory is not bounded",
+        peak >> 20
+    );
+    check(&rows, &recs).assert_complete();
+    let big: Vec<&Rec> = recs
+        .iter()
+        .filter(|r| r.key_str().starts_with("big"))
+        .collect();
+    assert_eq!(big.len(), 24);
+    for r in big {
+        let len = r.value.as_ref().map_or(0, Vec::len);
+        assert!(
+            (1_000_000..1_000_100).contains(&len),
+            "payload of {len} bytes"
+        );
+    }
+    assert!(relay.terminate().await.success(), "{}", relay.logs());
 }
 
 /// TLS to PostgreSQL against a server of the test's own (its certificates
