@@ -46,10 +46,10 @@ fi
 log "formatting and lints (cargo fmt, clippy: ~4 min on 2 cores the first time)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets $QUIET -- -D warnings
-log "building the binaries and tests (~8 min the first time)"
+log "building the binaries and tests (~10 min the first time)"
 cargo build --workspace --bins $QUIET
 cargo test --workspace --no-run $QUIET
-log "unit and integration tests (~4 min)"
+log "unit and integration tests (~5 min)"
 cargo test --workspace
 # The benchmark's smoke version (debug build, 5,000 rows, no targets), so it cannot rot.
 cargo test -p outbox-tests --bench relay
