@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use outbox_relay::keys::{all_keys, DEFAULT_KEY_PREFIX};
-use postgres_native_tls::MakeTlsConnector;
+use outbox_relay::pgsql;
 use redis::IntoConnectionInfo;
-use tokio_postgres::config::SslMode;
 
 use crate::crd::TlsMode;
 
@@ -81,40 +80,6 @@ pub struct PgTarget<'a> {
     pub ca: Option<Vec<u8>>,
 }
 
-/// The server's message (tokio-postgres shows only "db error") or the
-/// connection's cause.
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    match (e.as_db_error(), std::error::Error::source(e)) {
-        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
-        (None, Some(cause)) => format!("{e}: {cause}"),
-        (None, None) => e.to_string(),
-    }
-}
-
-/// A connector for `sslmode` `mode` (libpq's meaning: `require` encrypts
-/// without verifying; `verify-ca` checks the chain, not the name).
-fn pg_tls(mode: TlsMode, ca: Option<&[u8]>) -> Result<MakeTlsConnector, String> {
-    let mut b = native_tls::TlsConnector::builder();
-    match mode {
-        TlsMode::Disabled => {}
-        TlsMode::Require => {
-            b.danger_accept_invalid_certs(true)
-                .danger_accept_invalid_hostnames(true);
-        }
-        TlsMode::VerifyCa | TlsMode::VerifyFull => {
-            b.danger_accept_invalid_hostnames(mode == TlsMode::VerifyCa);
-        }
-    }
-    if let Some(pem) = ca {
-        let cert = native_tls::Certificate::from_pem(pem)
-            .map_err(|e| format!("spec.postgres.tls.caSecret is not a PEM certificate: {e}"))?;
-        b.add_root_certificate(cert);
-    }
-    b.build()
-        .map(MakeTlsConnector::new)
-        .map_err(|e| format!("TLS to PostgreSQL: {e}"))
-}
-
 /// Drops the relay's replication slot (ending a backend still streaming
 /// from it) and its publication if the relay created it (its comment says
 /// so); returns what it dropped. Errors carry no credentials.
@@ -122,35 +87,25 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
     let default = outbox_relay::keys::pg_object_name(relay);
     let slot = target.slot.unwrap_or(&default);
     let publication = target.publication.unwrap_or(&default);
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(target.host)
-        .port(target.port)
-        .user(target.user)
-        .password(target.password.as_bytes())
-        .dbname(target.database)
-        .connect_timeout(Duration::from_secs(10));
     let at = format!("postgres {}:{}", target.host, target.port);
-    let tls = match target.tls {
-        None | Some(TlsMode::Disabled) => None,
-        Some(mode) => {
-            config.ssl_mode(SslMode::Require);
-            Some(pg_tls(mode, target.ca.as_deref()).map_err(|e| format!("{at}: {e}"))?)
-        }
-    };
+    let client = pgsql::connect(&pgsql::Target {
+        host: target.host,
+        port: target.port,
+        user: target.user,
+        password: &target.password,
+        database: target.database,
+        application_name: "outbox-operator",
+        tls: match target.tls {
+            None | Some(TlsMode::Disabled) => pgsql::TlsMode::Disabled,
+            Some(TlsMode::Require) => pgsql::TlsMode::Require,
+            Some(TlsMode::VerifyCa) => pgsql::TlsMode::VerifyCa,
+            Some(TlsMode::VerifyFull) => pgsql::TlsMode::VerifyFull,
+        },
+        ca: target.ca.map(|pem| ("spec.postgres.tls.caSecret", pem)),
+        connect_timeout: Duration::from_secs(10),
+    })
+    .await?;
     let work = async {
-        let client = match tls {
-            None => {
-                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                client
-            }
-            Some(tls) => {
-                let (client, conn) = config.connect(tls).await?;
-                tokio::spawn(conn);
-                client
-            }
-        };
         client
             .execute(
                 "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
@@ -214,7 +169,7 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
     };
     match tokio::time::timeout(Duration::from_secs(30), work).await {
         Ok(Ok(note)) => Ok(note),
-        Ok(Err(e)) => Err(format!("{at}: {}", pg_error(&e))),
+        Ok(Err(e)) => Err(format!("{at}: {}", pgsql::error_text(&e))),
         Err(_) => Err(format!("{at}: no answer within 30s")),
     }
 }

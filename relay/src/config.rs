@@ -353,18 +353,7 @@ impl TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum TlsMode {
-    #[default]
-    Disabled,
-    /// Encrypt, do not verify the certificate.
-    Require,
-    /// Encrypt and verify the chain against `ca_file`, not the host name.
-    VerifyCa,
-    /// Encrypt and verify chain and host name.
-    VerifyFull,
-}
+pub use crate::pgsql::TlsMode;
 
 /// One outbox table and how its rows become records.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -2,8 +2,9 @@
 //! binlog or PostgreSQL logical replication — to Kafka or NATS JetStream, in
 //! commit order per key, with its position in Redis.
 //!
-//! Without the default `relay` feature only [`election`], [`keys`] and [`position`]
-//! are built: the operator uses them without linking the relay's clients.
+//! Without the default `relay` feature only [`election`], [`keys`],
+//! [`pgsql`] and [`position`] are built: the operator uses them without
+//! linking the relay's clients.
 
 #[cfg(feature = "relay")]
 pub mod binlog;
@@ -29,6 +30,7 @@ pub mod outage;
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod pg;
+pub mod pgsql;
 #[cfg(feature = "relay")]
 pub mod pipeline;
 pub mod position;

@@ -23,6 +23,7 @@ use crate::election::Leadership;
 use crate::metrics::Metrics;
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
 use crate::outbox::{header, Mapper, OutboxRow, RowContext, TableMapping};
+use crate::pgsql;
 use crate::position::{Lsn, LsnPosition, Position};
 use crate::source::{self, ServerLog, SourceError, SourceEvent};
 
@@ -121,7 +122,7 @@ fn tls_config(t: &TlsConfig) -> PgTls {
 
 /// A gated replication session (`replication=database`): SQL before
 /// START_REPLICATION.
-pub struct Session {
+struct Session {
     client: ReplicationClient,
     user: String,
     timeout: Duration,
@@ -252,19 +253,20 @@ async fn preflight(s: &mut Session, cfg: &Config) -> Result<String, SourceError>
             }
         }
     }
-    // A leading relay holds two WAL senders (the stream, the status's head
-    // queries; this session is one of them); a standby taking over needs
-    // its own before the old leader's are ended.
+    // A leading relay holds one WAL sender (the stream; this session stands
+    // for it); a standby taking over, or this relay reconnecting before its
+    // broken stream's sender ends, needs one more until it ends the old one.
     let used: u64 = num(s
         .value("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'")
         .await?);
     let max_senders: u64 = num(s.value("SHOW max_wal_senders").await?);
-    if max_senders.saturating_sub(used) < 2 {
+    if max_senders <= used {
         warn!(
             "{used} of max_wal_senders = {max_senders} WAL senders are in use (this relay's included): \
-             a leading relay holds two and a standby taking over needs two more. Fix: raise \
-             max_wal_senders (ALTER SYSTEM SET max_wal_senders = {}; restart the server)",
-            used + 4
+             none is free for a standby taking over or a reconnect, which need one until they end \
+             the old stream's. Fix: raise max_wal_senders (ALTER SYSTEM SET max_wal_senders = {}; \
+             restart the server)",
+            used + 2
         );
     }
     for (i, o) in cfg.outboxes.iter().enumerate() {
@@ -1012,7 +1014,7 @@ fn decode_bytea(text: &[u8]) -> Option<Vec<u8>> {
 
 impl source::Source for PgSource {
     type Opened = Opened;
-    type HeadConn = Session;
+    type HeadConn = tokio_postgres::Client;
     const NAME: &'static str = "postgres";
 
     async fn open(cfg: &Config) -> Result<Opened, SourceError> {
@@ -1088,40 +1090,78 @@ impl source::Source for PgSource {
         self.read().await
     }
 
-    async fn poll_head(cfg: &Config, conn: &mut Option<Session>) -> Result<ServerLog, SourceError> {
+    async fn poll_head(
+        cfg: &Config,
+        conn: &mut Option<tokio_postgres::Client>,
+    ) -> Result<ServerLog, SourceError> {
         let p = pg(cfg)?;
-        if conn.is_none() {
-            *conn = Some(Session::connect(cfg, replication_config(p, &cfg.name)).await?);
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            *conn = Some(status_session(cfg, p).await?);
         }
-        let s = conn.as_mut().expect("connected above");
-        let rows = s
-            .query(&format!(
-                "SELECT pg_current_wal_lsn(), (SELECT pg_current_wal_lsn() - restart_lsn \
-                 FROM pg_replication_slots WHERE slot_name = {})",
-                lit(&p.slot(&cfg.name))
-            ))
-            .await;
-        let row = match rows {
-            Ok(r) => r.into_iter().next().unwrap_or_default(),
-            Err(e) => {
+        let c = conn.as_ref().expect("connected above");
+        let row = tokio::time::timeout(
+            p.connect_timeout,
+            c.query_one(
+                "SELECT pg_current_wal_lsn()::text, (SELECT (pg_current_wal_lsn() - restart_lsn)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&p.slot(&cfg.name)],
+            ),
+        )
+        .await;
+        let row = match row {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 *conn = None;
-                return Err(e);
+                return Err(SourceError::Transient(format!(
+                    "PostgreSQL status query: {}",
+                    pgsql::error_text(&e)
+                )));
+            }
+            Err(_) => {
+                *conn = None;
+                return Err(SourceError::Transient(format!(
+                    "PostgreSQL status query: no answer within {:?}",
+                    p.connect_timeout
+                )));
             }
         };
         let current = row
-            .first()
-            .cloned()
-            .flatten()
+            .get::<_, Option<String>>(0)
             .and_then(|v| v.parse().ok())
             .unwrap_or_default();
-        let retained = row
-            .get(1)
-            .cloned()
-            .flatten()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as u64);
+        let retained = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
         Ok(ServerLog::Wal { current, retained })
     }
+}
+
+/// A plain session for the status poll (no WAL sender), with the stream's
+/// TLS settings.
+async fn status_session(
+    cfg: &Config,
+    p: &PostgresConfig,
+) -> Result<tokio_postgres::Client, SourceError> {
+    let ca = match &p.tls.ca_file {
+        Some(f) => Some((
+            "postgres.tls.ca_file",
+            std::fs::read(f).map_err(|e| {
+                SourceError::Definite(format!("postgres.tls.ca_file {}: {e}", f.display()))
+            })?,
+        )),
+        None => None,
+    };
+    pgsql::connect(&pgsql::Target {
+        host: &p.host,
+        port: p.port,
+        user: &p.user,
+        password: p.password.expose(),
+        database: &p.database,
+        application_name: &format!("outbox-relay {} status", cfg.name),
+        tls: p.tls.mode,
+        ca,
+        connect_timeout: p.connect_timeout,
+    })
+    .await
+    .map_err(SourceError::Transient)
 }
 
 #[cfg(test)]

@@ -417,9 +417,10 @@ async fn a_huge_postgres_transaction_and_megabyte_payloads_keep_memory_bounded()
 
 /// TLS to PostgreSQL against a server of the test's own (its certificates
 /// from the test's CA) whose pg_hba.conf rejects the relay's role without
-/// TLS: `require`, `verify-ca` and `verify-full` stream; a CA that did not
-/// sign the certificate, and `require` against a server without TLS, stop
-/// the relay naming postgres.tls; the operator's slot cleanup speaks TLS too.
+/// TLS: `require`, `verify-ca` and `verify-full` stream and poll the
+/// status; a CA that did not sign the certificate, and `require` against a
+/// server without TLS, stop the relay naming postgres.tls; the operator's
+/// slot cleanup speaks TLS too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_postgres_require_verify_and_a_wrong_ca() {
     use outbox_operator::cleanup::{drop_pg_objects, PgTarget};
@@ -493,6 +494,13 @@ async fn tls_to_postgres_require_verify_and_a_wrong_ca() {
     ] {
         let mut relay = run(&tls, port);
         relay.wait_ready().await;
+        // The status poll (a plain session) uses the same TLS: the server
+        // refuses the role without it.
+        relay
+            .status_until(&format!("{tls}: the retained WAL polled"), |s| {
+                s["head"]["retainedWalBytes"].is_u64()
+            })
+            .await;
         let written = db.write(3).await;
         relay.wait_events(written.len() as u64).await;
         rows.extend(written);
@@ -580,10 +588,11 @@ async fn postgres_preflight_names_the_fix() {
     drop(db);
     drop(replica);
 
-    // Two WAL senders: the relay warns that a standby could not take over;
-    // one more relay makes three wanted: a refused connection is retried and
+    // One WAL sender: the relay takes it (and warns that none is left for a
+    // takeover); its status poll, a plain session, still reports the slot's
+    // retained WAL; a second relay's connection is refused, retried and
     // logged with the fix.
-    let one = PrivatePg::start(&dir.0.join("senders"), &["-c", "max_wal_senders=2"]);
+    let one = PrivatePg::start(&dir.0.join("senders"), &["-c", "max_wal_senders=1"]);
     let db = PgDb::new("pgsend", one.port).await;
     let http = free_port();
     let mut first = start(&dir, &pg_toml("send1", &db.name, one.port, "t", http), http);
@@ -593,13 +602,18 @@ async fn postgres_preflight_names_the_fix() {
         "{}",
         first.logs()
     );
+    first
+        .status_until("the retained WAL polled beside the stream", |s| {
+            s["head"]["retainedWalBytes"].is_u64()
+        })
+        .await;
     let http = free_port();
     let mut second = start(&dir, &pg_toml("send2", &db.name, one.port, "t", http), http);
     wait_for(
         "a refused connection's fix in a log",
         Duration::from_secs(30),
         || {
-            let logs = first.logs() + &second.logs();
+            let logs = second.logs();
             let fix = logs.contains("exceeds max_wal_senders")
                 && logs.contains("or end an unused WAL sender");
             async move { fix.then_some(()) }
