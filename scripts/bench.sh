@@ -3,7 +3,8 @@
 # builds the release binaries and prints one table (min/median/max over 3
 # repetitions); the CSV goes to target/bench/results.csv. Knobs (env):
 # BENCH_ROWS (200000), BENCH_REPS (3), BENCH_RATE (2000 rows/s),
-# BENCH_LATENCY_SECS (30). The failover row comes from the last run of the
+# BENCH_LATENCY_SECS (30); BENCH_ONLY=postgres runs the PostgreSQL part alone
+# (target/bench/postgres.csv). The failover row comes from the last run of the
 # election tests (scripts/test.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

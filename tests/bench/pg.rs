@@ -85,16 +85,65 @@ listen = "127.0.0.1:{http_port}"
         )
     }
 
-    /// Drops the slots of this database, then the database.
+    /// The relay's `PgSource` in-process, as the relay `name` (its own slot,
+    /// created on the first call), reading from the slot's position.
+    async fn source(&self, name: &str) -> PgSource {
+        let cfg = Arc::new(
+            Config::from_toml(
+                &self.toml(name, free_port()),
+                std::path::Path::new("bench.toml"),
+                &[(
+                    "OUTBOX_RELAY_POSTGRES_PASSWORD".into(),
+                    RELAY_PASSWORD.into(),
+                )],
+            )
+            .expect("config"),
+        );
+        let opened = PgSource::open(&cfg).await.expect("preflight");
+        let (_durable_tx, durable) = tokio::sync::watch::channel(None);
+        let term = outbox_relay::election::Leadership::fixed(1);
+        PgSource::begin(cfg, opened, None, term, Metrics::new(), durable)
+            .await
+            .expect("the reader's slot")
+            .0
+    }
+
+    /// Drops the slots of this database (ending a reader still attached),
+    /// then the database.
     async fn drop_all(self) {
         let admin = connect("postgres", "postgres-password", "postgres").await;
-        let _ = admin
-            .batch_execute(&format!(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE database = '{}'; DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db, self.db
-            ))
-            .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // DROP DATABASE cannot share a (multi-statement) transaction.
+            let dropped = match admin
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE database = '{db}' AND active_pid IS NOT NULL; \
+                     SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE database = '{db}'",
+                    db = self.db
+                ))
+                .await
+            {
+                Ok(()) => {
+                    admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match dropped {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => {
+                    panic!(
+                        "dropping {}: {}",
+                        self.db,
+                        outbox_relay::pgsql::error_text(&e)
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 }
 
@@ -120,6 +169,9 @@ async fn fill(db: &str, rows: usize) {
 /// What a PostgreSQL drain measured.
 pub struct PgDrain {
     pub drain_eps: f64,
+    /// The same rows read and mapped by the relay's `PgSource` in-process,
+    /// nothing produced (on a slot of its own).
+    pub read_eps: f64,
     pub peak_rss: u64,
     pub idle_rss: u64,
 }
@@ -133,7 +185,22 @@ pub async fn drain(rows: usize) -> PgDrain {
     let mut relay = b.start(&b.name);
     relay.wait_ready().await;
     assert!(relay.terminate().await.success(), "{}", relay.logs());
+    let reader = format!("{}-read", b.name);
+    drop(b.source(&reader).await);
     fill(&b.db, rows).await;
+
+    // Read-only: the relay's source alone, from its own slot.
+    let mut source = b.source(&reader).await;
+    let t = Instant::now();
+    let mut read = 0;
+    while read < rows {
+        if let SourceEvent::Row { result: Ok(_), .. } = source.next().await.expect("stream") {
+            read += 1;
+        }
+    }
+    let read_eps = rows as f64 / t.elapsed().as_secs_f64();
+    drop(source);
+
     relay_bin();
     let t = Instant::now();
     let mut relay = b.start(&b.name);
@@ -155,6 +222,7 @@ pub async fn drain(rows: usize) -> PgDrain {
     b.drop_all().await;
     PgDrain {
         drain_eps,
+        read_eps,
         peak_rss: peak,
         idle_rss,
     }
@@ -177,23 +245,7 @@ pub async fn latency(rate: u64, secs: u64) -> (Vec<Duration>, (f64, f64), u64) {
     .expect("warm-up row");
     relay.wait_events(1).await;
 
-    let cfg = Arc::new(
-        Config::from_toml(
-            &b.toml(&format!("{}-follower", b.name), free_port()),
-            std::path::Path::new("bench.toml"),
-            &[(
-                "OUTBOX_RELAY_POSTGRES_PASSWORD".into(),
-                RELAY_PASSWORD.into(),
-            )],
-        )
-        .expect("config"),
-    );
-    let opened = PgSource::open(&cfg).await.expect("preflight");
-    let (_durable_tx, durable) = tokio::sync::watch::channel(None);
-    let term = outbox_relay::election::Leadership::fixed(1);
-    let (mut follower, _) = PgSource::begin(cfg, opened, None, term, Metrics::new(), durable)
-        .await
-        .expect("the follower's slot");
+    let mut follower = b.source(&format!("{}-follower", b.name)).await;
     let n = (rate * secs) as usize;
     let following = tokio::spawn(async move {
         let mut seen = Vec::with_capacity(n);

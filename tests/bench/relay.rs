@@ -688,9 +688,14 @@ async fn main() {
         "relay benchmark, {profile}: {} rows × {} repetitions; latency {} rows/s for {} s",
         plan.rows, plan.reps, plan.latency_rate, plan.latency_secs
     );
+    let pg_only = std::env::var("BENCH_ONLY").as_deref() == Ok("postgres");
     let mut runs = Vec::new();
     let mut pg_runs = Vec::new();
     for r in 0..plan.reps {
+        if pg_only {
+            pg_runs.push(pg_drain(r, plan.rows).await);
+            continue;
+        }
         let d = drain_once(plan.rows).await;
         println!(
             "  drain {}: relay {:.0} ev/s, read-only {:.0}, produce-only {:.0}; to NATS {:.0} ev/s",
@@ -701,16 +706,14 @@ async fn main() {
             d.nats_drain_eps
         );
         runs.push(d);
-        let p = pg::drain(plan.rows).await;
-        println!(
-            "  PostgreSQL drain {}: relay {:.0} ev/s, peak RSS {:.1} MB",
-            r + 1,
-            p.drain_eps,
-            p.peak_rss as f64 / 1_048_576.0
-        );
-        pg_runs.push(p);
+        pg_runs.push(pg_drain(r, plan.rows).await);
     }
     let (pg_to_read, pg_own, pg_rss) = pg::latency(plan.latency_rate, plan.latency_secs).await;
+    if pg_only {
+        let csv = print_table(&pg_rows(&pg_runs, &pg_to_read, pg_own, pg_rss), &None);
+        write_csv("postgres", csv);
+        return;
+    }
     let Latency {
         to_binlog,
         relay: own,
@@ -728,7 +731,7 @@ async fn main() {
     fn mb(b: f64) -> f64 {
         b / 1_048_576.0
     }
-    let mut rows: Vec<(String, (f64, f64, f64), String)> = vec![
+    let mut rows: Vec<Row> = vec![
         (
             "drain (events/s)".into(),
             col(|d| d.drain_eps),
@@ -780,50 +783,8 @@ async fn main() {
             String::new(),
         ),
     ];
-    let pgcol = |f: fn(&pg::PgDrain) -> f64| stats(&pg_runs.iter().map(f).collect::<Vec<_>>());
-    rows.push((
-        "PostgreSQL: drain (events/s)".into(),
-        pgcol(|d| d.drain_eps),
-        "≥ 100000".into(),
-    ));
-    rows.push((
-        "PostgreSQL: peak RSS during drain (MB)".into(),
-        pgcol(|d| d.peak_rss as f64 / 1_048_576.0),
-        String::new(),
-    ));
-    rows.push((
-        "PostgreSQL: RSS idle after drain (MB)".into(),
-        pgcol(|d| d.idle_rss as f64 / 1_048_576.0),
-        "≤ 25".into(),
-    ));
+    rows.extend(pg_rows(&pg_runs, &pg_to_read, pg_own, pg_rss));
     let one = |v: f64| (v, v, v);
-    rows.push((
-        format!(
-            "PostgreSQL: commit → logical replication read p50 / p99 / max (ms), {} records",
-            pg_to_read.len()
-        ),
-        (
-            pct(&pg_to_read, 0.5),
-            pct(&pg_to_read, 0.99),
-            pct(&pg_to_read, 1.0),
-        ),
-        String::new(),
-    ));
-    rows.push((
-        "PostgreSQL: relay read → Kafka ack p99 (ms, histogram bucket bound)".into(),
-        one(pg_own.1),
-        String::new(),
-    ));
-    rows.push((
-        "PostgreSQL: commit → Kafka ack p99 (ms, the two p99s added)".into(),
-        one(pct(&pg_to_read, 0.99) + pg_own.1),
-        "≤ 10".into(),
-    ));
-    rows.push((
-        "PostgreSQL: RSS at steady load (MB)".into(),
-        one(mb(pg_rss as f64)),
-        "≤ 25".into(),
-    ));
     rows.push((
         format!(
             "commit → binlog read p50 / p99 / max (ms), {} records",
@@ -910,26 +871,7 @@ async fn main() {
         String::new(),
     ));
 
-    println!("\n| metric | min | median | max | target |\n|---|---:|---:|---:|---|");
-    let mut csv = String::from("metric,min,median,max,target\n");
-    for (name, (lo, mid, hi), target) in &rows {
-        let target = judged(target, *mid);
-        println!("| {name} | {lo:.2} | {mid:.2} | {hi:.2} | {target} |");
-        csv.push_str(&format!(
-            "\"{name}\",{lo:.3},{mid:.3},{hi:.3},\"{target}\"\n"
-        ));
-    }
-    if let Some(f) = &failover {
-        println!(
-            "| failover (from tests/it/election.rs) | {} | | | {} |",
-            f.trim(),
-            if cfg!(debug_assertions) {
-                "(release runs: ≤ 5 s)"
-            } else {
-                "≤ 5 s"
-            }
-        );
-    }
+    let csv = print_table(&rows, &failover);
     if cfg!(debug_assertions) {
         println!(
             "\nA smoke run (debug build, few rows): it keeps the benchmark working; its figures \
@@ -945,13 +887,118 @@ async fn main() {
          value show it in every column.",
         wait = std::env::var("BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| "100".into())
     );
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
     let name = if cfg!(debug_assertions) {
         "smoke"
     } else {
         "results"
     };
+    write_csv(name, csv);
+}
+
+/// One PostgreSQL drain, reported as it ends.
+async fn pg_drain(r: usize, rows: usize) -> pg::PgDrain {
+    let p = pg::drain(rows).await;
+    println!(
+        "  PostgreSQL drain {}: relay {:.0} ev/s, read-only {:.0}, peak RSS {:.1} MB",
+        r + 1,
+        p.drain_eps,
+        p.read_eps,
+        p.peak_rss as f64 / 1_048_576.0
+    );
+    p
+}
+
+/// target/bench/<name>.csv
+fn write_csv(name: &str, csv: String) {
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join(format!("{name}.csv")), csv).expect("write csv");
     println!("written: target/bench/{name}.csv");
+}
+
+type Row = (String, (f64, f64, f64), String);
+
+/// The PostgreSQL rows of the table.
+fn pg_rows(
+    pg_runs: &[pg::PgDrain],
+    pg_to_read: &[Duration],
+    pg_own: (f64, f64),
+    pg_rss: u64,
+) -> Vec<Row> {
+    let one = |v: f64| (v, v, v);
+    let mut rows = Vec::new();
+    let pgcol = |f: fn(&pg::PgDrain) -> f64| stats(&pg_runs.iter().map(f).collect::<Vec<_>>());
+    rows.push((
+        "PostgreSQL: drain (events/s)".into(),
+        pgcol(|d| d.drain_eps),
+        "≥ 100000".into(),
+    ));
+    rows.push((
+        "PostgreSQL: read-only (events/s)".into(),
+        pgcol(|d| d.read_eps),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: peak RSS during drain (MB)".into(),
+        pgcol(|d| d.peak_rss as f64 / 1_048_576.0),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: RSS idle after drain (MB)".into(),
+        pgcol(|d| d.idle_rss as f64 / 1_048_576.0),
+        "≤ 25".into(),
+    ));
+    rows.push((
+        format!(
+            "PostgreSQL: commit → logical replication read p50 / p99 / max (ms), {} records",
+            pg_to_read.len()
+        ),
+        (
+            pct(pg_to_read, 0.5),
+            pct(pg_to_read, 0.99),
+            pct(pg_to_read, 1.0),
+        ),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: relay read → Kafka ack p99 (ms, histogram bucket bound)".into(),
+        one(pg_own.1),
+        String::new(),
+    ));
+    rows.push((
+        "PostgreSQL: commit → Kafka ack p99 (ms, the two p99s added)".into(),
+        one(pct(pg_to_read, 0.99) + pg_own.1),
+        "≤ 10".into(),
+    ));
+    rows.push((
+        "PostgreSQL: RSS at steady load (MB)".into(),
+        one(pg_rss as f64 / 1_048_576.0),
+        "≤ 25".into(),
+    ));
+    rows
+}
+
+/// The table, as markdown.
+fn print_table(rows: &[Row], failover: &Option<String>) -> String {
+    println!("\n| metric | min | median | max | target |\n|---|---:|---:|---:|---|");
+    let mut csv = String::from("metric,min,median,max,target\n");
+    for (name, (lo, mid, hi), target) in rows {
+        let target = judged(target, *mid);
+        println!("| {name} | {lo:.2} | {mid:.2} | {hi:.2} | {target} |");
+        csv.push_str(&format!(
+            "\"{name}\",{lo:.3},{mid:.3},{hi:.3},\"{target}\"\n"
+        ));
+    }
+    if let Some(f) = failover {
+        println!(
+            "| failover (from tests/it/election.rs) | {} | | | {} |",
+            f.trim(),
+            if cfg!(debug_assertions) {
+                "(release runs: ≤ 5 s)"
+            } else {
+                "≤ 5 s"
+            }
+        );
+    }
+    csv
 }
