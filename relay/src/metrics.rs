@@ -48,6 +48,9 @@ pub struct Metrics {
     pub retained_wal_bytes: Gauge,
     /// Seconds from reading a row in the binlog to Kafka's acknowledgement.
     pub ack_latency: Histogram,
+    /// PostgreSQL: seconds from a transaction's commit timestamp to the relay
+    /// reading its commit (transactions with outbox rows).
+    pub commit_read_latency: Histogram,
     /// 1 while this process leads (streams), 0 as a standby.
     pub is_leader: Gauge,
     /// Terms this process won.
@@ -87,6 +90,7 @@ impl Metrics {
             lag_bytes: Gauge::default(),
             retained_wal_bytes: Gauge::default(),
             ack_latency: Histogram::new(exponential_buckets(0.000_5, 1.5, 24)),
+            commit_read_latency: Histogram::new(exponential_buckets(0.000_5, 1.5, 24)),
             is_leader: Gauge::default(),
             leadership_changes: Counter::default(),
             takeover_seconds: Gauge::default(),
@@ -154,6 +158,12 @@ impl Metrics {
             "ack_latency_seconds",
             "From reading a row in the binlog to Kafka's acknowledgement of its record",
             m.ack_latency.clone(),
+        );
+        r.register(
+            "commit_read_latency_seconds",
+            "PostgreSQL: from a transaction's commit timestamp to the relay reading its commit \
+             (transactions with outbox rows; server and relay clocks)",
+            m.commit_read_latency.clone(),
         );
         r.register(
             "lag_bytes",

@@ -689,6 +689,11 @@ impl PgSource {
                 ..
             } => {
                 let rows = self.txn.take().map_or(0, |t| t.rows);
+                if rows > 0 {
+                    self.metrics
+                        .commit_read_latency
+                        .observe(since_pg_time(commit_time_micros));
+                }
                 self.replay_skip = 0;
                 self.committed = LsnPosition {
                     lsn: Lsn(end_lsn.as_u64()),
@@ -858,6 +863,16 @@ impl PgSource {
 
 fn kind() -> Vec<(String, String)> {
     vec![("kind".to_string(), "postgres".to_string())]
+}
+
+/// Seconds from a PostgreSQL timestamp to now (0 if it is ahead: clocks).
+fn since_pg_time(pg_micros: i64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64
+        - PG_EPOCH_SECS * 1_000_000;
+    (now - pg_micros).max(0) as f64 / 1e6
 }
 
 fn unix_secs(pg_micros: i64) -> u32 {
@@ -1244,5 +1259,18 @@ mod tests {
             unix_secs((1_704_067_200 - PG_EPOCH_SECS) * 1_000_000),
             1_704_067_200
         );
+    }
+
+    #[test]
+    fn commit_delay_is_measured_from_pg_time() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_micros() as i64
+            - PG_EPOCH_SECS * 1_000_000;
+        let d = since_pg_time(now - 2_000_000);
+        assert!((2.0..2.5).contains(&d), "{d}");
+        // A server clock ahead of the relay's gives 0, not a negative delay.
+        assert_eq!(since_pg_time(now + 60_000_000), 0.0);
     }
 }

@@ -304,6 +304,22 @@ async fn a_postgres_outbox_streams_through_sigterm_and_sigkills() {
         })
         .await;
     assert!(s["wal"]["retainedBytes"].is_u64(), "{s}");
+    // Commit → read delays of the transactions this process read, each
+    // under a minute (the writer ran a moment ago, same clock).
+    let (_, m) = http_get(relay.http_port, "/metrics")
+        .await
+        .expect("metrics");
+    let metric = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (count, sum) = (
+        metric("outbox_relay_commit_read_latency_seconds_count"),
+        metric("outbox_relay_commit_read_latency_seconds_sum"),
+    );
+    assert!(count > 0.0 && sum / count < 60.0, "{m}");
 
     // The slot never confirms past the checkpoint (a restart resumes there).
     let (_, stored) = checkpoint_as::<LsnPosition>(redis_url(), &name)
