@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::pgsql::TlsMode;
 use crate::position::StartFrom;
 
 #[derive(Debug, thiserror::Error)]
@@ -352,8 +353,6 @@ impl TlsConfig {
         Ok(())
     }
 }
-
-pub use crate::pgsql::TlsMode;
 
 /// One outbox table and how its rows become records.
 #[derive(Debug, Clone, Deserialize, Serialize)]
