@@ -8,7 +8,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaConfig;
 use crate::outage::SharedOutage;
@@ -38,7 +38,10 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("partitioner", "murmur2_random"),
     ("linger.ms", "2"),
     // Back within a quarter second of a broker's return (librdkafka's own
-    // default backs off to 10 s between reconnects).
+    // default backs off to 10 s between reconnects); the first reconnect
+    // after 10 ms (default 100), which is also how soon a new producer
+    // connects to the broker it learns from the bootstrap address.
+    ("reconnect.backoff.ms", "10"),
     ("reconnect.backoff.max.ms", "250"),
     ("queue.buffering.max.kbytes", "4096"),
     ("queue.buffering.max.messages", "100000"),
@@ -130,11 +133,36 @@ pub struct KafkaSink {
     producer: FutureProducer<RelayContext>,
 }
 
+/// How long a new producer waits for its warm-up (see [`KafkaSink::connect`]).
+const WARM_UP: Duration = Duration::from_secs(1);
+
 impl KafkaSink {
-    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
+    /// A new producer, warmed up so that its first record is acknowledged
+    /// ~20 ms after it starts instead of ~0.5 s. librdkafka (2.12) asks for
+    /// an idempotent producer's id when a metadata answer arrives from a
+    /// broker it keeps, else on a 500 ms timer; the first metadata answer
+    /// comes from the bootstrap address, which it then drops for the broker
+    /// it learned. So two metadata requests: the second is answered by that
+    /// broker and the producer id follows at once. Best effort: a broker
+    /// that does not answer within a second leaves the producer as it is (a
+    /// delivery then reports the outage).
+    pub async fn connect(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
         let producer: FutureProducer<RelayContext> = client_config(cfg)?
             .create_with_context(RelayContext)
             .map_err(config_error)?;
+        let p = producer.clone();
+        let warmed = tokio::task::spawn_blocking(move || {
+            let until = std::time::Instant::now() + WARM_UP;
+            for _ in 0..2 {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                p.client().fetch_metadata(None, left)?;
+            }
+            Ok::<(), KafkaError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = warmed {
+            tracing::debug!(error = %e, "kafka: no metadata within {WARM_UP:?} of the producer's start; sending anyway");
+        }
         Ok(KafkaSink { producer })
     }
 

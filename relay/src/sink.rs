@@ -70,7 +70,7 @@ pub trait Sink: Send + Sync {
 /// connection), ready to send.
 pub async fn connect(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
     match (&cfg.kafka, &cfg.nats) {
-        (Some(k), _) => Ok(Box::new(crate::kafka::KafkaSink::new(k)?)),
+        (Some(k), _) => Ok(Box::new(crate::kafka::KafkaSink::connect(k).await?)),
         (None, Some(n)) => Ok(Box::new(
             crate::nats::NatsSink::connect(n, &cfg.name).await?,
         )),
