@@ -4,8 +4,10 @@
 # repetitions); the CSV goes to target/bench/results.csv. Knobs (env):
 # BENCH_ROWS (200000), BENCH_REPS (3), BENCH_RATE (2000 rows/s),
 # BENCH_LATENCY_SECS (30); BENCH_ONLY=postgres runs the PostgreSQL part alone
-# (target/bench/postgres.csv). The failover row comes from the last run of the
-# election tests (scripts/test.sh).
+# (target/bench/postgres.csv). The failover rows (Redis and Lease election)
+# come from the last run of the failover tests, target/bench/failover-*.txt:
+# scripts/test.sh kills 5 times, `OUTBOX_FAILOVER_KILLS=20 scripts/test.sh`
+# 20 times (the benchmark's figure).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

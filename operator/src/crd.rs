@@ -109,6 +109,13 @@ pub struct OutboxRelaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
     pub heartbeat_interval: Option<String>,
+    /// Timing of the relays' leader election through their Lease. The
+    /// defaults (1s / 750ms / 250ms) replace a dead leader in about one
+    /// second, at 4 Lease writes a second by the leader and 4 reads a second
+    /// by each standby; longer ones cost the API server less and fail over
+    /// more slowly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election: Option<ElectionSpec>,
     /// Ready turns False while the lag is above this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -483,6 +490,28 @@ pub struct RedisSpec {
     /// Prefix of the checkpoint key; default `outbox-relay:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<String>,
+}
+
+/// Lease timing of the relays' leader election; each a duration like
+/// `750ms`, `1s`, `1m`, in the order retryPeriod < renewDeadline <
+/// leaseDuration.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElectionSpec {
+    /// A standby takes over when the Lease has not changed for this long
+    /// (at least 1s; default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    pub lease_duration: Option<String>,
+    /// The leader stops streaming when it could not renew for this long
+    /// (default 750ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    pub renew_deadline: Option<String>,
+    /// How often the leader renews and a standby looks (default 250ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    pub retry_period: Option<String>,
 }
 
 /// What the operator and the leading relay report.

@@ -2,9 +2,13 @@
 //! without further checks, or one error naming the field. Pure.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outbox_relay::election::Timing;
 
 use crate::crd::{
-    BadRowPolicy, ChangesSpec, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef, ServerTls, TlsMode,
+    BadRowPolicy, ChangesSpec, ElectionSpec, KafkaSpec, NatsSpec, OutboxRelay, SecretKeyRef,
+    ServerTls, TlsMode,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,6 +193,9 @@ pub fn validate(r: &OutboxRelay) -> Result<ValidatedRelay, ValidationError> {
         }
         (None, None) => return Err(err("kafka", "a sink is required: spec.kafka or spec.nats")),
     }
+    if let Some(e) = &s.election {
+        election_timing(e)?;
+    }
     Ok(ValidatedRelay {
         server_id: s
             .mysql
@@ -351,6 +358,58 @@ fn server_ca(
     }
 }
 
+/// `spec.election`, completed with the relay's defaults: each field in the
+/// schema's form, the lease at least a second (a Lease counts whole
+/// seconds), in the order the relay requires.
+pub fn election_timing(e: &ElectionSpec) -> Result<Timing, ValidationError> {
+    let d = Timing::default();
+    let t = Timing {
+        lease_duration: duration("election.leaseDuration", e.lease_duration.as_deref())?
+            .unwrap_or(d.lease_duration),
+        renew_deadline: duration("election.renewDeadline", e.renew_deadline.as_deref())?
+            .unwrap_or(d.renew_deadline),
+        retry_period: duration("election.retryPeriod", e.retry_period.as_deref())?
+            .unwrap_or(d.retry_period),
+    };
+    if t.lease_duration < Duration::from_secs(1) {
+        return Err(err(
+            "election.leaseDuration",
+            format!("{:?} is too short: at least 1s", t.lease_duration),
+        ));
+    }
+    // The relay's own check, in the resource's field names.
+    let camel = |s: &str| {
+        s.replace("lease_duration", "leaseDuration")
+            .replace("renew_deadline", "renewDeadline")
+            .replace("retry_period", "retryPeriod")
+    };
+    t.check()
+        .map_err(|(f, m)| err(format!("election.{}", camel(f)), camel(&m)))?;
+    Ok(t)
+}
+
+/// A duration in the schema's form: `250ms`, `5s`, `1m`.
+fn duration(field: &str, s: Option<&str>) -> Result<Option<Duration>, ValidationError> {
+    let Some(s) = s else { return Ok(None) };
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| {
+        err(
+            field,
+            format!("{s:?} is not a duration like 250ms, 5s or 1m"),
+        )
+    })?;
+    match unit {
+        "ms" => Ok(Some(Duration::from_millis(n))),
+        "s" => Ok(Some(Duration::from_secs(n))),
+        "m" => Ok(Some(Duration::from_secs(n.saturating_mul(60)))),
+        _ => Err(err(
+            field,
+            format!("{s:?} is not a duration like 250ms, 5s or 1m"),
+        )),
+    }
+}
+
 fn checked_ref(field: &str, r: &SecretKeyRef) -> Result<SecretKeyRef, ValidationError> {
     if r.name.is_empty() {
         return Err(err(format!("{field}.name"), "must not be empty"));
@@ -462,6 +521,44 @@ heartbeatInterval: 5s
             );
             let v = validate(&fixture(&yaml)).expect(field);
             assert!(v.secrets.iter().any(|(u, _)| *u == use_), "{field}");
+        }
+    }
+
+    #[test]
+    fn election_timing_is_completed_with_defaults_and_ordered() {
+        let with = |yaml: &str| validate(&fixture(&format!("{FULL}election: {yaml}\n")));
+        let t = election_timing(&ElectionSpec {
+            lease_duration: Some("15s".into()),
+            renew_deadline: Some("10s".into()),
+            retry_period: Some("2s".into()),
+        })
+        .expect("client-go's timing");
+        assert_eq!(t.lease_duration, Duration::from_secs(15));
+        assert!(with("{leaseDuration: 3s}").is_ok());
+        assert_eq!(
+            election_timing(&ElectionSpec::default()).expect("defaults"),
+            Timing::default()
+        );
+        for (yaml, want) in [
+            (
+                "{leaseDuration: 900ms}",
+                "spec.election.leaseDuration: 900ms is too short: at least 1s",
+            ),
+            (
+                "{renewDeadline: 2s}",
+                "spec.election.leaseDuration: must be longer than renewDeadline (2s)",
+            ),
+            (
+                "{retryPeriod: 1s}",
+                "spec.election.renewDeadline: must be longer than retryPeriod (1s)",
+            ),
+            (
+                "{retryPeriod: 1h}",
+                "spec.election.retryPeriod: \"1h\" is not a duration like 250ms, 5s or 1m",
+            ),
+        ] {
+            let e = with(yaml).expect_err(yaml).to_string();
+            assert!(e.starts_with(want), "{yaml}: {e}");
         }
     }
 

@@ -97,13 +97,8 @@ async fn relays_elect_through_a_kubernetes_lease() {
         "[election]\nmode = \"kubernetes\"\nnamespace = \"{}\"\nlease_name = \"relay-leader\"\n",
         ns.name
     );
-    let times = failover_rounds("klease", &election, 5).await;
-    println!("Lease takeover times: {times:?}");
-    assert!(
-        times.iter().all(|t| *t < Duration::from_secs(10)),
-        "{times:?}"
-    );
-    // The Lease counted every term: the first, five takeovers, the hand-overs
+    let times = failover_rounds("klease", "kubernetes", &election).await;
+    // The Lease counted every term: the first, the takeovers, the hand-overs
     // of the graceful stops at the end.
     let leases = Api::<Lease>::namespaced(client, &ns.name)
         .list(&ListParams::default())
@@ -111,7 +106,10 @@ async fn relays_elect_through_a_kubernetes_lease() {
         .expect("list leases");
     assert_eq!(leases.items.len(), 1, "{:?}", leases.items);
     let spec = leases.items[0].spec.clone().expect("lease spec");
-    assert!(spec.lease_transitions.unwrap_or(0) >= 6, "{spec:?}");
+    assert!(
+        spec.lease_transitions.unwrap_or(0) > times.len() as i32,
+        "{spec:?}"
+    );
 }
 
 pub(crate) async fn apply<K>(api: &Api<K>, obj: &K)

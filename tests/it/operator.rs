@@ -4,7 +4,7 @@
 use outbox_operator::crd::OutboxRelay;
 use outbox_operator::resources::config::relay_toml;
 use outbox_operator::resources::deployment::env_name;
-use outbox_operator::validate::validate;
+use outbox_operator::validate::{election_timing, validate};
 
 use crate::support::root;
 
@@ -50,6 +50,13 @@ fn relay_accepts_the_config_the_operator_renders_from_the_samples() {
                 _ => panic!("{name}: the rendered database is not the spec's:\n{toml}"),
             };
         assert_eq!(password.expose(), "from-a-secret");
+        // The Lease timing the relay runs with is the one the operator checked.
+        let timing = v
+            .spec
+            .election
+            .as_ref()
+            .map_or_else(Default::default, |e| election_timing(e).expect("timing"));
+        assert_eq!(cfg.election.timing(), timing, "{name}");
         assert_eq!(cfg.outboxes.len(), outboxes);
         assert_eq!(cfg.kafka.is_some(), v.spec.kafka.is_some(), "{name}");
         assert_eq!(cfg.changes.is_some(), v.spec.changes.is_some(), "{name}");

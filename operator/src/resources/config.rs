@@ -47,7 +47,7 @@ struct File<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     nats: Option<Nats<'a>>,
     redis: Redis<'a>,
-    election: Election,
+    election: Election<'a>,
     status: Status<'a>,
     http: Http,
     log: Log<'a>,
@@ -176,10 +176,16 @@ struct Redis<'a> {
 }
 
 #[derive(Serialize)]
-struct Election {
+struct Election<'a> {
     mode: &'static str,
     lease_name: String,
     namespace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_duration: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renew_deadline: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_period: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -233,6 +239,7 @@ fn outbox(o: &OutboxTable) -> Outbox<'_> {
 /// The relay config file for `r`.
 pub fn relay_toml(r: &ValidatedRelay) -> String {
     let s = &r.spec;
+    let election = s.election.as_ref();
     let mounted = |use_: SecretUse, dir: &str| {
         r.secrets
             .iter()
@@ -336,6 +343,9 @@ pub fn relay_toml(r: &ValidatedRelay) -> String {
             mode: "kubernetes",
             lease_name: lease_name(r),
             namespace: r.namespace.clone(),
+            lease_duration: election.and_then(|e| e.lease_duration.as_deref()),
+            renew_deadline: election.and_then(|e| e.renew_deadline.as_deref()),
+            retry_period: election.and_then(|e| e.retry_period.as_deref()),
         },
         // The leader reports into this resource's status.
         status: Status {
@@ -402,6 +412,17 @@ mod tests {
             );
         }
         assert!(!toml.contains("[nats]"), "{toml}");
+        // The relay's own timing defaults apply unless the spec sets one.
+        assert!(!toml.contains("lease_duration"), "{toml}");
+        let timed = format!(
+            "{FULL}election: {{leaseDuration: 15s, retryPeriod: 2s, renewDeadline: 10s}}\n"
+        );
+        let v2 = validate(&fixture(&timed)).expect("valid");
+        let toml2 = relay_toml(&v2);
+        assert!(
+            toml2.contains("namespace = \"shop\"\nlease_duration = \"15s\"\nrenew_deadline = \"10s\"\nretry_period = \"2s\"\n"),
+            "{toml2}"
+        );
         assert_eq!(cm.metadata.name.as_deref(), Some("orders-relay"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("shop"));
     }
