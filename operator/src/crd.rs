@@ -111,9 +111,9 @@ pub struct OutboxRelaySpec {
     pub heartbeat_interval: Option<String>,
     /// Timing of the relays' leader election through their Lease. The
     /// defaults (1s / 750ms / 250ms) replace a dead leader in about one
-    /// second, at 4 Lease writes a second by the leader and 4 reads a second
-    /// by each standby; longer ones cost the API server less and fail over
-    /// more slowly.
+    /// second, at 4 Lease writes a second by the leader (the standbys watch
+    /// the Lease); longer ones cost the API server less and fail over more
+    /// slowly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub election: Option<ElectionSpec>,
     /// Ready turns False while the lag is above this many seconds.

@@ -20,7 +20,7 @@
 //! Since a renewal is seen after it was sent, the old leader has stopped
 //! (`renew_deadline` < `lease_duration`) before anyone else may start.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,10 +44,10 @@ pub enum ElectionError {
 
 /// Lease timing. With the defaults a standby takes over 0.75–1.25 s after
 /// the leader died (a lease of 1 s, less the part of a renewal period since
-/// its last renewal, plus up to one period for a Kubernetes candidate to see
-/// that renewal), so a crash costs about one second of streaming. Each
-/// leader renews 4 times a second: for a Kubernetes Lease that is 4 writes a
-/// second, and each standby reads it 4 times a second.
+/// its last renewal; a Kubernetes candidate that cannot watch the Lease sees
+/// that renewal up to one period late), so a crash costs about one second of
+/// streaming. Each leader renews 4 times a second: for a Kubernetes Lease
+/// that is 4 writes a second, which the standbys' watches receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// How long a candidate waits after the lease last changed before it
@@ -183,9 +183,19 @@ impl Observer {
             Some((v, _)) if v == version => {}
             _ => self.seen = Some((version.to_owned(), now)),
         }
+        self.left(now, lease_duration)
+    }
+
+    /// The time left as of the last change seen (zero when none is known).
+    pub fn left(&self, now: Instant, lease_duration: Duration) -> Duration {
         self.seen.as_ref().map_or(Duration::ZERO, |(_, at)| {
             (*at + lease_duration).saturating_duration_since(now)
         })
+    }
+
+    /// Released or deleted: nothing to wait for.
+    pub fn forget(&mut self) {
+        self.seen = None;
     }
 }
 
@@ -458,7 +468,13 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     lease_duration: Duration,
-    observer: Mutex<Observer>,
+    observer: Arc<Mutex<Observer>>,
+    /// True while a watch of the Lease keeps `observer` current: a candidate
+    /// then sees a renewal within milliseconds and reads nothing until the
+    /// lease may have run out. Otherwise (the watch failed, or is refused to
+    /// a ServiceAccount without `watch`) it reads the Lease at every look.
+    watched: Arc<AtomicBool>,
+    watcher: tokio::task::AbortHandle,
     /// The Lease as this process last wrote it: a renewal replaces it
     /// without reading it first (one request, not two); a conflict means
     /// someone else wrote, and the next renewal reads it again.
@@ -466,13 +482,26 @@ pub struct LeaseLock {
 }
 
 impl LeaseLock {
+    /// Also starts watching the Lease (a task that ends with the lock).
     pub fn new(api: Api<Lease>, name: &str, identity: &str, timing: &Timing) -> LeaseLock {
+        let observer = Arc::new(Mutex::new(Observer::default()));
+        let watched = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn(watch_lease(
+            api.clone(),
+            name.to_owned(),
+            timing.lease_duration,
+            observer.clone(),
+            watched.clone(),
+        ))
+        .abort_handle();
         LeaseLock {
             api,
             name: name.to_owned(),
             identity: identity.to_owned(),
             lease_duration: timing.lease_duration,
-            observer: Mutex::default(),
+            observer,
+            watched,
+            watcher,
             written: Mutex::default(),
         }
     }
@@ -498,6 +527,16 @@ impl LeaseLock {
     }
 
     async fn try_acquire(&self, floor: u64) -> Result<Attempt, ElectionError> {
+        if self.watched.load(Ordering::Relaxed) {
+            let left = self
+                .observer
+                .lock()
+                .expect("observer lock")
+                .left(Instant::now(), self.lease_duration);
+            if !left.is_zero() {
+                return Ok(Attempt::Held(left));
+            }
+        }
         let now = Instant::now();
         let current = self.api.get_opt(&self.name).await.map_err(kube_error)?;
         let Some(mut lease) = current else {
@@ -591,6 +630,70 @@ impl LeaseLock {
             .await
             .map(|_| ())
             .map_err(kube_error)
+    }
+}
+
+impl Drop for LeaseLock {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Keeps `observer` current from a watch of the Lease `name` (a read, then
+/// a watch from its version; again after any error, 250 ms later).
+/// `watched` is true only while that watch is up.
+async fn watch_lease(
+    api: Api<Lease>,
+    name: String,
+    lease_duration: Duration,
+    observer: Arc<Mutex<Observer>>,
+    watched: Arc<AtomicBool>,
+) {
+    use futures_util::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let see = |l: &Lease| {
+        let mut o = observer.lock().expect("observer lock");
+        let holder = l.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+        let version = l.metadata.resource_version.as_deref().unwrap_or_default();
+        if o.remaining(version, holder, Instant::now(), lease_duration)
+            .is_zero()
+        {
+            o.forget();
+        }
+    };
+    let mut logged = false;
+    loop {
+        let outcome: Result<(), kube::Error> = async {
+            let Some(current) = api.get_opt(&name).await? else {
+                return Ok(());
+            };
+            see(&current);
+            let version = current
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            let params = WatchParams::default().fields(&format!("metadata.name={name}"));
+            let mut events = api.watch(&params, &version).await?.boxed();
+            watched.store(true, Ordering::Relaxed);
+            while let Some(ev) = events.next().await {
+                match ev? {
+                    WatchEvent::Added(l) | WatchEvent::Modified(l) => see(&l),
+                    WatchEvent::Deleted(_) | WatchEvent::Error(_) => return Ok(()),
+                    WatchEvent::Bookmark(_) => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        watched.store(false, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            if !logged {
+                tracing::debug!(lease = %name, error = %e, "cannot watch the Lease; reading it at every look");
+                logged = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -835,6 +938,11 @@ mod tests {
         assert_eq!(o.remaining("2", Some("a"), s(4_999), d), ms(1));
         assert!(o.remaining("2", Some("a"), s(5_000), d).is_zero());
         assert!(o.remaining("2", Some("a"), s(9_000), d).is_zero());
+        // What a watch keeps current: the time left without a new look,
+        // nothing to wait for once released.
+        assert_eq!(o.left(s(4_000), d), ms(1_000));
+        o.forget();
+        assert!(o.left(s(4_000), d).is_zero());
         // Released or never held: take it now.
         assert!(Observer::default().remaining("3", None, s(0), d).is_zero());
         assert!(Observer::default()

@@ -1028,7 +1028,7 @@ fn print_table(rows: &[Row], failover: &[(String, String)]) -> String {
         // "min / median / max s over N SIGKILLs (... build)"
         println!(
             "| failover, {mode} election (SIGKILL → the standby's first record acknowledged; \
-             tests/it/election.rs) | {} | | | p50 ≤ 1.0 s, max ≤ 1.5 s |",
+             tests/it/election.rs, kube.rs) | {} | | | p50 ≤ 1.0 s, max ≤ 1.5 s |",
             f.trim()
         );
     }

@@ -195,7 +195,7 @@ fn chart_lints_and_renders_least_privilege_secure_and_versioned() {
     let leader = verbs(find(&objs, "Role", "outbox-operator-leader"));
     assert_eq!(
         leader["coordination.k8s.io:leases/outbox-operator"],
-        ["get", "update"]
+        ["get", "update", "watch"]
     );
     assert_eq!(leader["coordination.k8s.io:leases"], ["create"]);
     let sa = &find(&objs, "ClusterRoleBinding", "outbox-operator")["subjects"][0];

@@ -48,7 +48,8 @@ pub fn build_role(r: &ValidatedRelay) -> Role {
                 "coordination.k8s.io",
                 "leases",
                 lease_name(r),
-                &["get", "update"],
+                // watch: a standby sees each renewal as it happens.
+                &["get", "update", "watch"],
             ),
             rule(
                 "outboxrelay.dev",
@@ -109,7 +110,7 @@ mod tests {
                     "coordination.k8s.io".to_string(),
                     "leases".to_string(),
                     vec!["orders-relay-leader".to_string()],
-                    vec!["get".to_string(), "update".to_string()]
+                    vec!["get".to_string(), "update".to_string(), "watch".to_string()]
                 ),
                 (
                     "outboxrelay.dev".to_string(),
