@@ -640,7 +640,8 @@ impl Drop for LeaseLock {
 }
 
 /// Keeps `observer` current from a watch of the Lease `name` (a read, then
-/// a watch from its version; again after any error, 250 ms later).
+/// a watch from its version; again when it ends, after an error 250 ms
+/// later doubling to 30 s, so a refused watch costs little).
 /// `watched` is true only while that watch is up.
 async fn watch_lease(
     api: Api<Lease>,
@@ -662,6 +663,7 @@ async fn watch_lease(
         }
     };
     let mut logged = false;
+    let mut backoff = Duration::from_millis(250);
     loop {
         let outcome: Result<(), kube::Error> = async {
             let Some(current) = api.get_opt(&name).await? else {
@@ -686,14 +688,24 @@ async fn watch_lease(
             Ok(())
         }
         .await;
-        watched.store(false, Ordering::Relaxed);
-        if let Err(e) = outcome {
-            if !logged {
-                tracing::debug!(lease = %name, error = %e, "cannot watch the Lease; reading it at every look");
-                logged = true;
+        let was_up = watched.swap(false, Ordering::Relaxed);
+        match outcome {
+            Err(e) => {
+                if !logged {
+                    info!(lease = %name, error = %e, "cannot watch the Lease; reading it at every look instead");
+                    logged = true;
+                }
+                if was_up {
+                    backoff = Duration::from_millis(250);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Ok(()) => {
+                backoff = Duration::from_millis(250);
+                tokio::time::sleep(backoff).await;
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
