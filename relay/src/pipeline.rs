@@ -674,7 +674,9 @@ async fn ack_loop(
         )
         .await?;
     }
-    if let Some(p) = &acked {
+    // Only a term that is still valid ends with a final checkpoint; a lost
+    // one stops at once (its last periodic write stands).
+    if let Some(p) = acked.as_ref().filter(|_| lead.is_valid()) {
         info!(position = %p.short(), at = %p.location(), "final checkpoint stored");
     }
     Ok(())

@@ -458,8 +458,12 @@ async fn soak_with_random_leader_kills() {
         });
     let mut rng = Rng(seed);
     let f = Fixture::new("soak", mysql_port(), &["Order"], 3).await;
+    // The soak counts events across kills, not takeover times: the pre-1 s
+    // lease timing, so that two minutes of a loaded 2-core CI machine do not
+    // starve a leader past the default 750 ms renew deadline (a leader that
+    // stops exits on purpose, which this test would count as a failure).
     let spec = RelaySpec {
-        extra: "[election]\nmode = \"redis\"\n",
+        extra: "[election]\nmode = \"redis\"\nlease_duration = \"3s\"\nrenew_deadline = \"2s\"\nretry_period = \"500ms\"\n",
         ..f.spec()
     };
     let stop = Arc::new(AtomicBool::new(false));
