@@ -1,7 +1,9 @@
 //! The Kafka sink: an idempotent `FutureProducer` (acks=all, never times a
 //! record out), backpressure on a full queue, topic creation.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -131,39 +133,57 @@ impl ClientContext for RelayContext {
 #[derive(Clone)]
 pub struct KafkaSink {
     producer: FutureProducer<RelayContext>,
+    /// Stops the warm-up's metadata requests when the last clone goes.
+    _warm_up: Arc<WarmUp>,
 }
 
-/// How long a new producer waits for its warm-up (see [`KafkaSink::connect`]).
+/// Set when the sink is dropped: its warm-up thread stops asking.
+struct WarmUp(Arc<AtomicBool>);
+
+impl Drop for WarmUp {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long `connect` waits for the warm-up (see [`KafkaSink::connect`]).
 const WARM_UP: Duration = Duration::from_secs(1);
+/// One metadata request's wait while no broker answers.
+const ASK_EVERY: Duration = Duration::from_millis(250);
 
 impl KafkaSink {
     /// A new producer, warmed up so that its first record is acknowledged
     /// ~20 ms after it starts instead of ~0.5 s. librdkafka (2.12) asks for
     /// an idempotent producer's id when a metadata answer arrives from a
-    /// broker it keeps, else on a 500 ms timer; the first metadata answer
-    /// comes from the bootstrap address, which it then drops for the broker
-    /// it learned. So two metadata requests: the second is answered by that
-    /// broker and the producer id follows at once. Best effort: a broker
-    /// that does not answer within a second leaves the producer as it is (a
-    /// delivery then reports the outage).
+    /// broker it keeps, else on a 500 ms timer (and, for a producer created
+    /// while no broker answers, only after its next metadata refresh: ~1 s
+    /// after the broker is back); the first metadata answer comes from the
+    /// bootstrap address, which it then drops for the broker it learned. So
+    /// two metadata answers: the second comes from that broker and the
+    /// producer id follows at once. `connect` waits up to a second for them;
+    /// while the broker does not answer (a producer made during an outage),
+    /// a thread of the sink's own goes on asking until it does, so the id is
+    /// requested as soon as the broker is back, not a refresh later.
     pub async fn connect(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
         let producer: FutureProducer<RelayContext> = client_config(cfg)?
             .create_with_context(RelayContext)
             .map_err(config_error)?;
-        let p = producer.clone();
-        let warmed = tokio::task::spawn_blocking(move || {
-            let until = std::time::Instant::now() + WARM_UP;
-            for _ in 0..2 {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                p.client().fetch_metadata(None, left)?;
-            }
-            Ok::<(), KafkaError>(())
-        })
-        .await;
-        if let Ok(Err(e)) = warmed {
-            tracing::debug!(error = %e, "kafka: no metadata within {WARM_UP:?} of the producer's start; sending anyway");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (answered, warm) = tokio::sync::oneshot::channel();
+        let (p, s) = (producer.clone(), stop.clone());
+        if let Err(e) = std::thread::Builder::new()
+            .name("kafka-warm-up".into())
+            .spawn(move || warm_up(&p, &s, answered))
+        {
+            tracing::debug!(error = %e, "kafka: no warm-up thread; sending anyway");
         }
-        Ok(KafkaSink { producer })
+        if !matches!(tokio::time::timeout(WARM_UP, warm).await, Ok(Ok(()))) {
+            tracing::debug!("kafka: no metadata within {WARM_UP:?} of the producer's start; sending anyway, asking until the broker answers");
+        }
+        Ok(KafkaSink {
+            producer,
+            _warm_up: Arc::new(WarmUp(stop)),
+        })
     }
 
     async fn queue(&self, rec: &Record) -> Result<Sent, SinkError> {
@@ -226,6 +246,27 @@ impl Sink for KafkaSink {
 }
 
 /// A librdkafka delivery as the pipeline awaits it.
+/// Asks for metadata until two answers came (then reports it) or `stop`.
+fn warm_up(
+    p: &FutureProducer<RelayContext>,
+    stop: &AtomicBool,
+    answered: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut answers = 0;
+    while answers < 2 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let asked = Instant::now();
+        match p.client().fetch_metadata(None, ASK_EVERY) {
+            Ok(_) => answers += 1,
+            // An error without a wait (no broker at all): pause a little.
+            Err(_) => std::thread::sleep(Duration::from_millis(50).saturating_sub(asked.elapsed())),
+        }
+    }
+    let _ = answered.send(());
+}
+
 async fn delivery(f: DeliveryFuture) -> Result<(), DeliveryError> {
     match f.await {
         Ok(Ok(_)) => {

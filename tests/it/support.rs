@@ -646,6 +646,39 @@ impl Drop for Relay {
     }
 }
 
+/// When the first line of `logs` containing `what` was written, as time since
+/// the Unix epoch (the relay's text log starts each line with an RFC 3339
+/// UTC timestamp, `2026-12-03T19:56:36.474601Z`).
+pub fn logged_at(logs: &str, what: &str) -> Option<Duration> {
+    let line = logs.lines().find(|l| l.contains(what))?;
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|v| v.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    let whole = days * 86_400 + h * 3_600 + min * 60;
+    Some(Duration::from_secs(u64::try_from(whole).ok()?) + Duration::from_secs_f64(sec))
+}
+
+/// Time since the Unix epoch, to compare with [`logged_at`].
+pub fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+}
+
 /// A minimal HTTP/1.0 GET: (status, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
