@@ -474,6 +474,10 @@ pub struct LeaseLock {
     /// lease may have run out. Otherwise (the watch failed, or is refused to
     /// a ServiceAccount without `watch`) it reads the Lease at every look.
     watched: Arc<AtomicBool>,
+    /// The Lease as the watch last delivered it: once it may be taken, a
+    /// watching candidate replaces it at once (the replace is conditional on
+    /// its resourceVersion) instead of reading it first.
+    last_seen: Arc<Mutex<Option<Box<Lease>>>>,
     watcher: tokio::task::AbortHandle,
     /// The Lease as this process last wrote it: a renewal replaces it
     /// without reading it first (one request, not two); a conflict means
@@ -486,12 +490,14 @@ impl LeaseLock {
     pub fn new(api: Api<Lease>, name: &str, identity: &str, timing: &Timing) -> LeaseLock {
         let observer = Arc::new(Mutex::new(Observer::default()));
         let watched = Arc::new(AtomicBool::new(false));
+        let last_seen = Arc::new(Mutex::new(None));
         let watcher = tokio::spawn(watch_lease(
             api.clone(),
             name.to_owned(),
             timing.lease_duration,
             observer.clone(),
             watched.clone(),
+            last_seen.clone(),
         ))
         .abort_handle();
         LeaseLock {
@@ -501,6 +507,7 @@ impl LeaseLock {
             lease_duration: timing.lease_duration,
             observer,
             watched,
+            last_seen,
             watcher,
             written: Mutex::default(),
         }
@@ -527,7 +534,8 @@ impl LeaseLock {
     }
 
     async fn try_acquire(&self, floor: u64) -> Result<Attempt, ElectionError> {
-        if self.watched.load(Ordering::Relaxed) {
+        let watched = self.watched.load(Ordering::Relaxed);
+        if watched {
             let left = self
                 .observer
                 .lock()
@@ -538,7 +546,13 @@ impl LeaseLock {
             }
         }
         let now = Instant::now();
-        let current = self.api.get_opt(&self.name).await.map_err(kube_error)?;
+        let seen = watched
+            .then(|| self.last_seen.lock().expect("lease seen").clone())
+            .flatten();
+        let current = match seen {
+            Some(l) => Some(*l),
+            None => self.api.get_opt(&self.name).await.map_err(kube_error)?,
+        };
         let Some(mut lease) = current else {
             let epoch = next_epoch(None, floor);
             let lease = Lease {
@@ -579,7 +593,9 @@ impl LeaseLock {
                 self.remember(l);
                 Ok(Attempt::Won(epoch))
             }
-            Err(e) if is_conflict(&e) => Ok(Attempt::Held(Duration::ZERO)),
+            // Someone wrote it first, or (a Lease the watch delivered) it
+            // was deleted since: look again.
+            Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Attempt::Held(Duration::ZERO)),
             Err(e) => Err(kube_error(e)),
         }
     }
@@ -639,9 +655,9 @@ impl Drop for LeaseLock {
     }
 }
 
-/// Keeps `observer` current from a watch of the Lease `name` (a read, then
-/// a watch from its version; again when it ends, after an error 250 ms
-/// later doubling to 30 s, so a refused watch costs little).
+/// Keeps `observer` and `last_seen` current from a watch of the Lease
+/// `name` (a read, then a watch from its version; again when it ends, after
+/// an error 250 ms later doubling to 30 s, so a refused watch costs little).
 /// `watched` is true only while that watch is up.
 async fn watch_lease(
     api: Api<Lease>,
@@ -649,10 +665,12 @@ async fn watch_lease(
     lease_duration: Duration,
     observer: Arc<Mutex<Observer>>,
     watched: Arc<AtomicBool>,
+    last_seen: Arc<Mutex<Option<Box<Lease>>>>,
 ) {
     use futures_util::StreamExt;
     use kube::api::{WatchEvent, WatchParams};
     let see = |l: &Lease| {
+        *last_seen.lock().expect("lease seen") = Some(Box::new(l.clone()));
         let mut o = observer.lock().expect("observer lock");
         let holder = l.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
         let version = l.metadata.resource_version.as_deref().unwrap_or_default();
@@ -689,6 +707,7 @@ async fn watch_lease(
         }
         .await;
         let was_up = watched.swap(false, Ordering::Relaxed);
+        *last_seen.lock().expect("lease seen") = None;
         match outcome {
             Err(e) => {
                 if !logged {
@@ -711,6 +730,10 @@ async fn watch_lease(
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
 fn kube_error(e: kube::Error) -> ElectionError {
