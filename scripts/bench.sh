@@ -4,7 +4,9 @@
 # repetitions); the CSV goes to target/bench/results.csv. Knobs (env):
 # BENCH_ROWS (200000), BENCH_REPS (3), BENCH_RATE (2000 rows/s),
 # BENCH_LATENCY_SECS (30); BENCH_ONLY=postgres runs the PostgreSQL part alone
-# (target/bench/postgres.csv). The failover rows (Redis and Lease election)
+# (target/bench/postgres.csv). A second table (bench/tail.rs,
+# target/bench/results-tail.csv): duplicates after a SIGKILL per
+# max_in_flight / checkpoint_interval setting. The failover rows (Redis and Lease election)
 # come from the last run of the failover tests, target/bench/failover-*.txt:
 # scripts/test.sh kills 5 times, `OUTBOX_FAILOVER_KILLS=20 scripts/test.sh`
 # 20 times (the benchmark's figure).

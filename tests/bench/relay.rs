@@ -15,6 +15,8 @@
 //!   decoding on the same cores.
 //! - latency: steady single-row transactions; commit (client saw COMMIT
 //!   return) → record read back by a consumer, per record.
+//! - tail (bench/tail.rs): duplicates after a SIGKILL, mid-drain and at a
+//!   steady pace, per `max_in_flight` / `checkpoint_interval` setting.
 //! - footprint: the relay's peak and steady RSS, CPU seconds per 100k events,
 //!   binary size.
 //!
@@ -26,6 +28,7 @@
 mod support;
 
 mod pg;
+mod tail;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -750,6 +753,16 @@ async fn main() {
     let (nats_own, nats_rss) = nats_latency(plan.latency_rate, plan.latency_secs).await;
     let broker = produce_latency(plan.latency_rate, plan.latency_secs.min(10), false).await;
     let loaded = produce_latency(plan.latency_rate, plan.latency_secs.min(10), true).await;
+    let tail_rows = plan.rows.min(100_000);
+    let mut tails = Vec::new();
+    for setting in tail::SETTINGS {
+        let t = tail::measure(tail_rows, setting).await;
+        println!(
+            "  tail, max_in_flight {} / checkpoint_interval {} ms: drain {:.0} ev/s, {} duplicates after a kill mid-drain, {} at {:.0} rows/s",
+            t.max_in_flight, t.interval_ms, t.drain_eps, t.catchup_dups, t.steady_dups, t.steady_rate
+        );
+        tails.push(t);
+    }
     let bin = relay_bin();
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     // Written by the failover tests' last run (scripts/bench.sh runs them
@@ -918,6 +931,7 @@ async fn main() {
     ));
 
     let csv = print_table(&rows, &failover);
+    let tail_csv = tail::table(tail_rows, &tails);
     if cfg!(debug_assertions) {
         println!(
             "\nA smoke run (debug build, few rows): it keeps the benchmark working; its figures \
@@ -939,6 +953,7 @@ async fn main() {
         "results"
     };
     write_csv(name, csv);
+    write_csv(&format!("{name}-tail"), tail_csv);
 }
 
 /// One PostgreSQL drain, reported as it ends.

@@ -54,6 +54,9 @@ pub async fn failover_rounds(prefix: &str, mode: &str, election: &str) -> Vec<Du
     let f = Fixture::new(prefix, mysql_port(), &["Order"], 3).await;
     let mut spec = f.spec();
     spec.extra = election;
+    // Built before the writer starts: a build while it writes would leave
+    // the relays a catch-up backlog, and the kills would land in it.
+    relay_bin();
     let stop = Arc::new(AtomicBool::new(false));
     let writing = writer(f.db.clone(), stop.clone());
 
