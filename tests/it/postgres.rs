@@ -844,7 +844,7 @@ async fn postgres_and_broker_restarts_lose_nothing() {
     // tests (not yet explained: BENCHMARKS.md), so the bound is loose.
     assert!(
         back < Duration::from_secs(15),
-        "first record {back:?} after PostgreSQL's return"
+        "first record {back:?} after PostgreSQL's return; log:\n{logs}"
     );
 
     private.down();

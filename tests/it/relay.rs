@@ -201,16 +201,7 @@ async fn duplicates_after_a_sigkill_are_bounded_by_the_checkpoint_interval() {
     let recs = read_topics(&f.topics, rows.len(), Duration::from_secs(120)).await;
     let report = check(&rows, &recs);
     report.assert_complete();
-    let per_kill = report.duplicates as f64 / KILLS as f64;
-    println!(
-        "{KILLS} SIGKILLs at {rate:.0} rows/s: {} duplicates, {per_kill:.0} per kill = {:.0} ms of traffic",
-        report.duplicates,
-        per_kill / rate * 1000.0
-    );
-    assert!(
-        per_kill <= rate * 0.3,
-        "{per_kill:.0} duplicates per kill at {rate:.0} rows/s: more than 300 ms of traffic"
-    );
+    report.assert_duplicates_per_kill(KILLS, rate, 300);
     assert!(relay.terminate().await.success(), "{}", relay.logs());
 }
 

@@ -956,6 +956,21 @@ impl Report {
             "delivery check failed: {self:#?}"
         );
     }
+
+    /// The duplicates of `kills` SIGKILLs under a writer at `rate` rows/s,
+    /// printed and asserted at most `max_ms` of its traffic per kill.
+    pub fn assert_duplicates_per_kill(&self, kills: usize, rate: f64, max_ms: u32) {
+        let per_kill = self.duplicates as f64 / kills as f64;
+        println!(
+            "{kills} SIGKILLs at {rate:.0} rows/s: {} duplicates, {per_kill:.0} per kill = {:.0} ms of traffic",
+            self.duplicates,
+            per_kill / rate * 1000.0
+        );
+        assert!(
+            per_kill <= rate * f64::from(max_ms) / 1000.0,
+            "{per_kill:.0} duplicates per kill at {rate:.0} rows/s: more than {max_ms} ms of traffic"
+        );
+    }
 }
 
 /// Checks records against the outbox rows `(id, key)` in commit order: every
