@@ -65,6 +65,8 @@ pub struct ServerInfo {
     pub checksum: bool,
     /// MySQL `gtid_mode=ON`; MariaDB always has GTIDs.
     pub gtid: bool,
+    /// `@@server_id`: the server whose binlog offsets a checkpoint holds.
+    pub server_id: u32,
 }
 
 pub fn mysql_opts(cfg: &MysqlConfig) -> Result<mysql_async::Opts, SourceError> {
@@ -194,6 +196,10 @@ pub async fn preflight(conn: &mut Conn, cfg: &Config) -> Result<ServerInfo, Sour
             .await?
             .is_some_and(|v| v.eq_ignore_ascii_case("ON")),
     };
+    let server_id = var(conn, "server_id")
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
     for (i, o) in cfg.outboxes.iter().enumerate() {
         check_table(conn, i, o).await?;
     }
@@ -219,6 +225,7 @@ pub async fn preflight(conn: &mut Conn, cfg: &Config) -> Result<ServerInfo, Sour
         version,
         checksum,
         gtid,
+        server_id,
     })
 }
 
@@ -320,6 +327,7 @@ pub async fn resolve_start(
                 gtid,
                 file,
                 commit_ts: 0,
+                server_id: Some(info.server_id),
             })
         }
         StartFrom::Earliest => {
@@ -335,6 +343,7 @@ pub async fn resolve_start(
                     pos: 4,
                 },
                 commit_ts: 0,
+                server_id: Some(info.server_id),
             })
         }
         StartFrom::Gtid(g) => Ok(BinlogPosition {
@@ -344,11 +353,13 @@ pub async fn resolve_start(
                 pos: 4,
             },
             commit_ts: 0,
+            server_id: None,
         }),
         StartFrom::File(f) => Ok(BinlogPosition {
             gtid: None,
             file: f.clone(),
             commit_ts: 0,
+            server_id: None,
         }),
     }
 }
@@ -439,6 +450,82 @@ pub async fn check_resume_point(
                 ))),
             }
         }
+    }
+}
+
+/// Whether a MariaDB checkpoint may resume at its binlog offset instead of
+/// its GTID, whose lookup reads the current binlog file from its start
+/// (~0.75 ms per MB on MariaDB 10.11, before the first event). The offset is
+/// trusted only where this server proves it: the checkpoint was taken on this
+/// server id, and the event at the offset is the GTID of the transaction that
+/// follows the checkpoint's in its domain — or nothing follows yet, the offset
+/// is this server's binlog head and its GTID state is the checkpoint's. Any
+/// doubt (another server, binlogs reset or purged, an offset inside an event)
+/// is a reason to resume by GTID.
+async fn offset_proven(
+    conn: &mut Conn,
+    info: &ServerInfo,
+    pos: &BinlogPosition,
+    ours: &MariaGtidList,
+) -> Result<(), String> {
+    if pos.server_id != Some(info.server_id) {
+        return Err(match pos.server_id {
+            Some(id) => format!(
+                "the checkpoint is of server id {id}, this server is {}",
+                info.server_id
+            ),
+            None => "the checkpoint does not name its server".into(),
+        });
+    }
+    let file = &pos.file.file;
+    if file.is_empty()
+        || !file
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(format!("binlog file name `{file}` is not one to look up"));
+    }
+    let rows: Vec<mysql_async::Row> = conn
+        .query(format!(
+            "SHOW BINLOG EVENTS IN '{file}' FROM {} LIMIT 3",
+            pos.file.pos
+        ))
+        .await
+        .map_err(|e| format!("no event at the offset: {e}"))?;
+    let next = rows.iter().find_map(|r| {
+        let kind: String = r.get(2).unwrap_or_default();
+        (!kind.eq_ignore_ascii_case("Binlog_checkpoint"))
+            .then(|| (kind, r.get::<String, _>(5).unwrap_or_default()))
+    });
+    if let Some((kind, text)) = next {
+        if !kind.eq_ignore_ascii_case("Gtid") {
+            return Err(format!("the event at the offset is {kind}, not a GTID"));
+        }
+        let gtid: MariaGtid = text
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("the GTID event at the offset: {e}"))?;
+        return match ours.get(gtid.domain) {
+            Some(o) if o.seq.checked_add(1) == Some(gtid.seq) => Ok(()),
+            _ => Err(format!(
+                "the transaction at the offset is {gtid}, not the one after {ours}"
+            )),
+        };
+    }
+    let head = head(conn).await.map_err(|e| e.to_string())?;
+    if head != pos.file {
+        return Err(format!(
+            "nothing at the offset, and the binlog head is {head}"
+        ));
+    }
+    match current_gtid(conn, info).await.map_err(|e| e.to_string())? {
+        Some(Gtid::MariaDb(state)) if state == *ours => Ok(()),
+        other => Err(format!(
+            "the binlog head's GTID state is {}, not {ours}",
+            other.map(|g| g.to_string()).unwrap_or_default()
+        )),
     }
 }
 
@@ -606,8 +693,18 @@ impl BinlogSource {
         let heartbeat_ns = mysql.heartbeat.as_nanos().min(u64::MAX as u128) as u64;
         let mut setup = vec![format!("SET @master_heartbeat_period = {heartbeat_ns}")];
         let pos = &self.committed;
+        // Why a MariaDB GTID position is not resumed at its offset.
+        let mut offset_refused = None;
         let mariadb_gtid = match (&pos.gtid, self.info.flavor) {
-            (Some(Gtid::MariaDb(l)), Flavor::MariaDb) => Some(l.to_string()),
+            (Some(Gtid::MariaDb(l)), Flavor::MariaDb) => {
+                match offset_proven(&mut conn, &self.info, pos, l).await {
+                    Ok(()) => None,
+                    Err(why) => {
+                        offset_refused = Some(why);
+                        Some(l.to_string())
+                    }
+                }
+            }
             _ => None,
         };
         if self.info.flavor == Flavor::MariaDb {
@@ -649,9 +746,16 @@ impl BinlogSource {
             }
         }
         .map_err(|e| classify("requesting the binlog stream", e))?;
+        let by = match &pos.gtid {
+            Some(Gtid::MySql(set)) if !set.is_empty() => "gtid",
+            _ if mariadb_gtid.is_some() => "gtid",
+            _ => "offset",
+        };
         info!(
             position = %pos.short(),
             file = %pos.file,
+            by,
+            offset_refused = offset_refused.as_deref(),
             server_id,
             "binlog stream opened"
         );
@@ -1087,6 +1191,7 @@ impl BinlogSource {
                 pos: log_pos,
             },
             commit_ts: ts,
+            server_id: Some(self.info.server_id),
         };
         if txn.rows > 0 || self.last_idle_commit.elapsed() >= IDLE_COMMIT_EVERY {
             self.last_idle_commit = Instant::now();

@@ -326,8 +326,10 @@ impl FromStr for FilePos {
 }
 
 /// A committed binlog position: taken only at a transaction's commit, so
-/// resuming from it never starts inside a transaction. Both forms are kept;
-/// GTID is preferred to resume when present (it survives a primary failover).
+/// resuming from it never starts inside a transaction. Both forms are kept:
+/// GTID survives a primary failover; the file offset, on the server that wrote
+/// it, is found without MariaDB's GTID lookup (a read of the binlog file from
+/// its start).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BinlogPosition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -338,6 +340,10 @@ pub struct BinlogPosition {
     /// transaction at or before this position; 0 when unknown.
     #[serde(default)]
     pub commit_ts: u32,
+    /// `@@server_id` of the server whose binlog `file` and `pos` are in;
+    /// absent in checkpoints of earlier versions and positions from settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
 }
 
 impl BinlogPosition {
@@ -645,14 +651,22 @@ mod tests {
                 pos: 777,
             },
             commit_ts: 1_700_000_000,
+            server_id: Some(7),
         };
         let p = Position::Binlog(b.clone());
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(
             j,
-            r#"{"gtid":"0-1-42","file":"mysql-bin.000002","pos":777,"commit_ts":1700000000}"#
+            r#"{"gtid":"0-1-42","file":"mysql-bin.000002","pos":777,"commit_ts":1700000000,"server_id":7}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&j).unwrap(), p);
+        // A checkpoint of an earlier version (no server id) still reads.
+        let old = r#"{"gtid":"0-1-42","file":"mysql-bin.000002","pos":777,"commit_ts":1700000000}"#;
+        let Position::Binlog(read) = serde_json::from_str::<Position>(old).unwrap() else {
+            panic!("not a binlog position");
+        };
+        assert_eq!(read.server_id, None);
+        assert_eq!(read.file, b.file);
         assert_eq!(p.short(), "0-1-42");
         let no_gtid = Position::Binlog(BinlogPosition { gtid: None, ..b });
         assert_eq!(no_gtid.short(), "mysql-bin.000002:777");
@@ -789,6 +803,7 @@ mod tests {
                 file in "[a-z0-9._:-]{1,30}",
                 pos in 4..u64::MAX,
                 commit_ts in any::<u32>(),
+                server_id in proptest::option::of(any::<u32>()),
                 which in 0..3u8,
             ) {
                 let gtid = match which {
@@ -796,13 +811,14 @@ mod tests {
                     1 => Some(Gtid::MariaDb(l)),
                     _ => Some(Gtid::MySql(set)),
                 };
-                let p = BinlogPosition { gtid, file: FilePos { file, pos }, commit_ts };
+                let p = BinlogPosition { gtid, file: FilePos { file, pos }, commit_ts, server_id };
                 let json = serde_json::to_string(&Position::Binlog(p.clone())).expect("json");
                 let Position::Binlog(back) = serde_json::from_str(&json).expect("parse back") else {
                     panic!("a binlog position read back as another kind: {json}");
                 };
                 prop_assert_eq!(back.file, p.file);
                 prop_assert_eq!(back.commit_ts, p.commit_ts);
+                prop_assert_eq!(back.server_id, p.server_id);
                 // An empty set prints as "" in either flavour; both mean "nothing yet".
                 prop_assert_eq!(
                     back.gtid.map(|g| g.to_string()),

@@ -215,6 +215,7 @@ fn relay_status_fields_fit_the_crd_and_stay_off_the_operators() {
             pos: 1234,
         },
         commit_ts: 1_800_000_000,
+        server_id: Some(1),
     }));
     p.add_published(10, 999);
     p.set_error("bad outbox row id=7");

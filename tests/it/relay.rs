@@ -150,6 +150,8 @@ async fn restarts_and_crashes_lose_nothing() {
     let recs = read_topics(ts, rows.len(), Duration::from_secs(120)).await;
     let report = check(&rows, &recs);
     report.assert_complete();
+    // The server that wrote the checkpoint: resumed at its binlog offset.
+    assert!(relay.logs().contains("by=\"offset\""), "{}", relay.logs());
     println!(
         "crash test: {} rows, {} records, {} duplicates after 3 SIGKILLs",
         rows.len(),

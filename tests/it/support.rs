@@ -841,6 +841,25 @@ pub async fn checkpoint(name: &str) -> Option<(u64, BinlogPosition)> {
     checkpoint_at(redis_url(), name).await
 }
 
+/// Replaces the position in relay `name`'s checkpoint (its epoch kept): a
+/// checkpoint as another server or version would have left it.
+pub async fn put_checkpoint(name: &str, pos: &BinlogPosition) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let json = serde_json::to_string(&outbox_relay::position::Position::Binlog(pos.clone()))
+        .expect("json");
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("test:{name}:checkpoint"))
+        .arg("position")
+        .arg(json)
+        .query_async(&mut c)
+        .await
+        .expect("HSET checkpoint");
+}
+
 /// `checkpoint` in the Redis at `url` (waiting out a restarted server's
 /// loading of its dataset).
 pub async fn checkpoint_at(url: &str, name: &str) -> Option<(u64, BinlogPosition)> {
