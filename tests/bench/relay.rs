@@ -718,7 +718,30 @@ async fn main() {
         "relay benchmark, {profile}: {} rows × {} repetitions; latency {} rows/s for {} s",
         plan.rows, plan.reps, plan.latency_rate, plan.latency_secs
     );
-    let pg_only = std::env::var("BENCH_ONLY").as_deref() == Ok("postgres");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let pg_only = only == "postgres";
+    let tail_rows = plan.rows.min(100_000);
+    let measure_tails = || async {
+        let mut tails = Vec::new();
+        for setting in tail::SETTINGS {
+            let t = tail::measure(tail_rows, setting, plan.reps).await;
+            println!(
+                "  tail, max_in_flight {} / checkpoint_interval {} ms: drain {:.0} ev/s, duplicates after a kill mid-drain {:?}, at a steady pace {:?}",
+                t.max_in_flight,
+                t.interval_ms,
+                t.drain_eps,
+                t.catchup_dups,
+                t.steady.iter().map(|s| s.dups).collect::<Vec<_>>()
+            );
+            tails.push(t);
+        }
+        tails
+    };
+    if only == "tail" {
+        let tails = measure_tails().await;
+        write_csv("tail", tail::table(tail_rows, &tails));
+        return;
+    }
     let mut runs = Vec::new();
     let mut pg_runs = Vec::new();
     for r in 0..plan.reps {
@@ -753,16 +776,7 @@ async fn main() {
     let (nats_own, nats_rss) = nats_latency(plan.latency_rate, plan.latency_secs).await;
     let broker = produce_latency(plan.latency_rate, plan.latency_secs.min(10), false).await;
     let loaded = produce_latency(plan.latency_rate, plan.latency_secs.min(10), true).await;
-    let tail_rows = plan.rows.min(100_000);
-    let mut tails = Vec::new();
-    for setting in tail::SETTINGS {
-        let t = tail::measure(tail_rows, setting).await;
-        println!(
-            "  tail, max_in_flight {} / checkpoint_interval {} ms: drain {:.0} ev/s, {} duplicates after a kill mid-drain, {} at {:.0} rows/s",
-            t.max_in_flight, t.interval_ms, t.drain_eps, t.catchup_dups, t.steady_dups, t.steady_rate
-        );
-        tails.push(t);
-    }
+    let tails = measure_tails().await;
     let bin = relay_bin();
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     // Written by the failover tests' last run (scripts/bench.sh runs them
