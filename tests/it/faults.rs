@@ -177,8 +177,9 @@ async fn purged_resume_point_is_refused_clearly() {
 /// start, ~0.75 ms per MB, before the first event): with a backlog, and
 /// caught up at the head. Where the server does not prove the offset — a
 /// checkpoint of another server id or of an earlier version, an offset inside
-/// an event, a GTID that is not the one before the offset's, binlogs reset —
-/// the relay resumes by GTID; nothing is lost.
+/// an event, a GTID that is not the one before the offset's — the relay
+/// resumes by GTID; nothing is lost. After `RESET MASTER` it tries by GTID
+/// too, and refuses clearly: the resume point is gone from the binlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_at_the_binlog_offset_only_where_the_server_proves_it() {
     services();
