@@ -863,6 +863,7 @@ impl BinlogSource {
                 self.out.push_back(SourceEvent::Commit {
                     position: Position::Binlog(self.committed.clone()),
                     rows: 0,
+                    committed_at: None,
                 });
             }
             EventData::TransactionPayloadEvent(_) => {
@@ -1199,6 +1200,7 @@ impl BinlogSource {
             self.out.push_back(SourceEvent::Commit {
                 position: Position::Binlog(self.committed.clone()),
                 rows: txn.rows,
+                committed_at: None,
             });
         } else {
             self.unreported_commit = true;

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
 use pgwire_replication::{
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::{Columns, Config, OutboxConfig, PostgresConfig, TlsConfig, TlsMode};
 use crate::election::Leadership;
-use crate::metrics::Metrics;
+use crate::metrics::{seconds_since, Metrics};
 use crate::outage::{next_backoff, Outage, RETRY_FIRST};
 use crate::outbox::{header, Mapper, OutboxRow, RowContext, TableMapping};
 use crate::pgsql;
@@ -689,10 +689,9 @@ impl PgSource {
                 ..
             } => {
                 let rows = self.txn.take().map_or(0, |t| t.rows);
-                if rows > 0 {
-                    self.metrics
-                        .commit_read_latency
-                        .observe(since_pg_time(commit_time_micros));
+                let committed_at = (rows > 0).then(|| pg_system_time(commit_time_micros));
+                if let Some(at) = committed_at {
+                    self.metrics.commit_read_latency.observe(seconds_since(at));
                 }
                 self.replay_skip = 0;
                 self.committed = LsnPosition {
@@ -705,6 +704,7 @@ impl PgSource {
                     self.out.push_back(SourceEvent::Commit {
                         position: Position::Lsn(self.committed.clone()),
                         rows,
+                        committed_at,
                     });
                 }
             }
@@ -731,6 +731,7 @@ impl PgSource {
                     self.out.push_back(SourceEvent::Commit {
                         position: Position::Lsn(self.committed.clone()),
                         rows: 0,
+                        committed_at: None,
                     });
                 }
             }
@@ -865,14 +866,10 @@ fn kind() -> Vec<(String, String)> {
     vec![("kind".to_string(), "postgres".to_string())]
 }
 
-/// Seconds from a PostgreSQL timestamp to now (0 if it is ahead: clocks).
-fn since_pg_time(pg_micros: i64) -> f64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as i64
-        - PG_EPOCH_SECS * 1_000_000;
-    (now - pg_micros).max(0) as f64 / 1e6
+/// A PostgreSQL timestamp (microseconds since 2000-01-01) as a time.
+fn pg_system_time(pg_micros: i64) -> SystemTime {
+    let unix = pg_micros + PG_EPOCH_SECS * 1_000_000;
+    UNIX_EPOCH + Duration::from_micros(unix.max(0) as u64)
 }
 
 fn unix_secs(pg_micros: i64) -> u32 {
@@ -1254,23 +1251,25 @@ mod tests {
 
     #[test]
     fn pg_time_is_unix_time() {
-        // 2024-01-01T00:00:00Z
+        // 2024-01-01T00:00:00.000250Z
+        let pg = (1_704_067_200 - PG_EPOCH_SECS) * 1_000_000 + 250;
+        assert_eq!(unix_secs(pg), 1_704_067_200);
         assert_eq!(
-            unix_secs((1_704_067_200 - PG_EPOCH_SECS) * 1_000_000),
-            1_704_067_200
+            pg_system_time(pg),
+            UNIX_EPOCH + Duration::from_micros(1_704_067_200_000_250)
         );
     }
 
     #[test]
     fn commit_delay_is_measured_from_pg_time() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
             .expect("clock")
             .as_micros() as i64
             - PG_EPOCH_SECS * 1_000_000;
-        let d = since_pg_time(now - 2_000_000);
+        let d = seconds_since(pg_system_time(now - 2_000_000));
         assert!((2.0..2.5).contains(&d), "{d}");
         // A server clock ahead of the relay's gives 0, not a negative delay.
-        assert_eq!(since_pg_time(now + 60_000_000), 0.0);
+        assert_eq!(seconds_since(pg_system_time(now + 60_000_000)), 0.0);
     }
 }

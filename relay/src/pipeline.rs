@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ use crate::config::{BadRowPolicy, Config, ElectionMode};
 use crate::election::redis_lock::RedisLock;
 use crate::election::{process_identity, Backend, Elector, Leadership, LeaseLock};
 use crate::kafka;
-use crate::metrics::{label, Metrics};
+use crate::metrics::{label, seconds_since, Metrics};
 use crate::outage::{next_backoff, Outage, SharedOutage, RETRY_FIRST};
 use crate::outbox::{BadRow, Record};
 use crate::position::Position;
@@ -106,7 +106,9 @@ enum Inflight {
         /// When the row was read from the binlog.
         read_at: Instant,
     },
-    Commit(Position),
+    /// A commit: resuming from the position starts after it; the server's
+    /// commit time where the source knows it precisely.
+    Commit(Position, Option<SystemTime>),
 }
 
 /// How long a stop waits for the commit of a transaction being read.
@@ -438,10 +440,14 @@ async fn lead_term<S: Source>(
             break;
         }
         let item = match ev {
-            SourceEvent::Commit { position, .. } => {
+            SourceEvent::Commit {
+                position,
+                committed_at,
+                ..
+            } => {
                 open_rows = 0;
                 progress.read_commit(position.commit_ts());
-                Inflight::Commit(position)
+                Inflight::Commit(position, committed_at)
             }
             SourceEvent::Row {
                 table,
@@ -631,8 +637,11 @@ async fn ack_loop(
                         }
                     }
                 }
-                Some(Inflight::Commit(p)) => {
+                Some(Inflight::Commit(p, committed_at)) => {
                     progress.acked_commit();
+                    if let Some(t) = committed_at {
+                        metrics.commit_ack_latency.observe(seconds_since(t));
+                    }
                     for ((table, topic), (n, b)) in counts.drain() {
                         progress.add_published(n, b);
                         let l = vec![("table".to_string(), table.to_string()), ("topic".to_string(), topic)];

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -45,7 +46,14 @@ pub enum SourceEvent {
         gtid: Option<Arc<str>>,
     },
     /// A transaction committed; resuming from `position` starts after it.
-    Commit { position: Position, rows: usize },
+    /// `committed_at`: when the server committed it, where the source knows
+    /// that to the microsecond (PostgreSQL; a binlog's timestamps are whole
+    /// seconds) and the transaction had rows.
+    Commit {
+        position: Position,
+        rows: usize,
+        committed_at: Option<SystemTime>,
+    },
 }
 
 /// A database the relay reads committed outbox rows from.

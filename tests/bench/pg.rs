@@ -237,13 +237,16 @@ pub struct PgLatency {
     pub commit_read: (f64, f64),
     /// The relay reading a row → Kafka's acknowledgement.
     pub read_ack: (f64, f64),
+    /// Commit timestamp → Kafka's acknowledgement of the transaction's
+    /// last record.
+    pub commit_ack: (f64, f64),
     pub rss: u64,
 }
 
 /// Steady single-row transactions at `rate`/s for `secs` (two writers),
 /// the relay the only logical reader: its own histograms of commit →
-/// read (pgoutput's commit timestamp, same machine's clock) and read →
-/// Kafka ack.
+/// read and commit → Kafka ack (pgoutput's commit timestamp, same
+/// machine's clock), and read → Kafka ack.
 pub async fn latency(rate: u64, secs: u64) -> PgLatency {
     let b = Bench::new("pglat").await;
     let mut relay = b.start(&b.name);
@@ -302,6 +305,7 @@ pub async fn latency(rate: u64, secs: u64) -> PgLatency {
     PgLatency {
         commit_read: q("commit_read_latency"),
         read_ack: q("ack_latency"),
+        commit_ack: q("commit_ack_latency"),
         rss,
     }
 }

@@ -304,8 +304,9 @@ async fn a_postgres_outbox_streams_through_sigterm_and_sigkills() {
         })
         .await;
     assert!(s["wal"]["retainedBytes"].is_u64(), "{s}");
-    // Commit → read delays of the transactions this process read, each
-    // under a minute (the writer ran a moment ago, same clock).
+    // Commit → read and commit → ack delays of the transactions this
+    // process read, each under a minute (the writer ran a moment ago, same
+    // clock); every transaction acknowledged was read first.
     let (_, m) = http_get(relay.http_port, "/metrics")
         .await
         .expect("metrics");
@@ -320,6 +321,14 @@ async fn a_postgres_outbox_streams_through_sigterm_and_sigkills() {
         metric("outbox_relay_commit_read_latency_seconds_sum"),
     );
     assert!(count > 0.0 && sum / count < 60.0, "{m}");
+    let (acked, ack_sum) = (
+        metric("outbox_relay_commit_ack_latency_seconds_count"),
+        metric("outbox_relay_commit_ack_latency_seconds_sum"),
+    );
+    assert!(
+        acked > 0.0 && acked <= count && ack_sum / acked < 60.0,
+        "{m}"
+    );
 
     // The slot never confirms past the checkpoint (a restart resumes there).
     let (_, stored) = checkpoint_as::<LsnPosition>(redis_url(), &name)
