@@ -189,6 +189,27 @@ impl Stage {
         self.relay_leader(Duration::from_secs(60), &[]).await
     }
 
+    /// No relay pod's log holds `secret` or a panic; the relay ConfigMap
+    /// configures `[section]`, not `[instead]`, and holds no `secret`.
+    async fn secret_kept(&self, secret: &str, section: &str, instead: &str) {
+        for p in self.kubelet.running("orders-relay-") {
+            let logs = self.kubelet.logs(&p);
+            assert!(!logs.contains(secret), "a secret in {p}'s log");
+            assert!(!logs.contains("panicked"), "{p}:\n{logs}");
+        }
+        let cm = self
+            .api::<ConfigMap>()
+            .get("orders-relay")
+            .await
+            .expect("the relay ConfigMap");
+        let toml = &cm.data.expect("data")["relay.toml"];
+        assert!(
+            toml.contains(&format!("[{section}]")) && !toml.contains(&format!("[{instead}]")),
+            "{toml}"
+        );
+        assert!(!toml.contains(secret), "a secret in the ConfigMap");
+    }
+
     /// Every pod's log, for a failure message.
     fn logs(&self, prefix: &str) -> String {
         self.kubelet
@@ -379,11 +400,9 @@ async fn the_user_journey_on_a_real_cluster() {
     let report = check(&rows, &recs);
     println!("{} rows: {report:?}", rows.len());
     report.assert_complete();
-    for p in stage.kubelet.running("orders-relay-") {
-        let logs = stage.kubelet.logs(&p);
-        assert!(!logs.contains("second-password"), "a secret in {p}'s log");
-        assert!(!logs.contains("panicked"), "{p}:\n{logs}");
-    }
+    stage
+        .secret_kept("second-password", "mysql", "postgres")
+        .await;
 
     // Every relay process dead and kept dead: Stalled within two heartbeats.
     stage.kubelet.hold("orders-relay-");
@@ -700,25 +719,7 @@ async fn a_nats_relay_on_a_real_cluster() {
         "JetStream should have dropped every replay"
     );
 
-    for p in stage.kubelet.running("orders-relay-") {
-        let logs = stage.kubelet.logs(&p);
-        assert!(!logs.contains(PASSWORD), "the NATS password in {p}'s log");
-        assert!(!logs.contains("panicked"), "{p}:\n{logs}");
-    }
-    let cm = stage
-        .api::<ConfigMap>()
-        .get("orders-relay")
-        .await
-        .expect("the relay ConfigMap");
-    let toml = &cm.data.expect("data")["relay.toml"];
-    assert!(
-        toml.contains("[nats]") && !toml.contains("[kafka]"),
-        "{toml}"
-    );
-    assert!(
-        !toml.contains(PASSWORD),
-        "the NATS password in the ConfigMap"
-    );
+    stage.secret_kept(PASSWORD, "nats", "kafka").await;
 
     relays
         .delete("orders", &DeleteParams::default())
@@ -736,4 +737,163 @@ async fn a_nats_relay_on_a_real_cluster() {
     )
     .await
     .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+}
+
+/// The PostgreSQL install, from the sample (`spec.postgres` with the
+/// Debezium column preset, password from a Secret): two relay pods, one
+/// leads and creates the slot and publication → the Debezium demo's flow
+/// under a writer (a user and its outbox row in one transaction, every third
+/// with a `pg_logical_emit_message` outbox event) → `kubectl get` shows the
+/// LSN, the status the slot's retained WAL → the leader's process SIGKILLed:
+/// the standby takes the slot and leads → every event by id → the password
+/// in no pod's log and not in the ConfigMap → the OutboxRelay deleted: the
+/// operator's pod drops the slot and the publication (`checkpointPolicy:
+/// Delete`, with the chart's RBAC) → helm uninstall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test.sh runs it (../shared/k8s or KUBECONFIG)"]
+async fn a_postgres_relay_on_a_real_cluster() {
+    use crate::postgres::{writer, PgDb};
+    let port = pg_port();
+    let stage = Stage::new("obr-pg", "pg-operator", &[port]).await;
+    let ns = stage.ns.name.clone();
+    stage.helm_install().await;
+    stage.operator_leader().await;
+    let db = Arc::new(PgDb::new("pgjourney", port).await);
+    let topics = vec![format!("{}.User", db.name)];
+    create_topics(&topics, 3).await;
+    let secrets: Api<Secret> = stage.api();
+    apply(&secrets, &password_secret("users-postgres", RELAY_PASSWORD)).await;
+    let mut cr = crate::kube::sample::<OutboxRelay>("outboxrelay-postgres.yaml").remove(0);
+    cr.metadata.name = Some("orders".into());
+    cr.spec.replicas = 2;
+    cr.spec.heartbeat_interval = Some("1s".into());
+    let pg = cr.spec.postgres.as_mut().expect("spec.postgres");
+    pg.host = "127.0.0.1".into();
+    pg.port = Some(port as i32);
+    pg.database = db.name.clone();
+    pg.outboxes[0].topic = Some(format!("{}.{{aggregate_type}}", db.name));
+    cr.spec
+        .kafka
+        .as_mut()
+        .expect("spec.kafka")
+        .bootstrap_servers = broker().into();
+    cr.spec.redis.url = redis_url().into();
+    cr.spec.redis.key_prefix = Some("test:".into());
+    let relays: Api<OutboxRelay> = stage.api();
+    apply(&relays, &cr).await;
+
+    let leader = stage.two_relay_pods_one_leads().await;
+    // The leader's slot starts the stream: what commits before it exists is
+    // not relayed (README, "Objects it creates").
+    let slot =
+        outbox_relay::keys::pg_object_name(&outbox_operator::cleanup::relay_name(&ns, "orders"));
+    let exists = |sql: &'static str| {
+        let (db, slot) = (db.clone(), slot.clone());
+        async move {
+            pg_connect(port, "app", "app-password", &db.name)
+                .await
+                .query_opt(sql, &[&slot])
+                .await
+                .expect("query")
+                .is_some()
+        }
+    };
+    let slot_sql = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1";
+    let publication_sql = "SELECT 1 FROM pg_publication WHERE pubname = $1";
+    wait_for("the leader's slot", Duration::from_secs(60), || async {
+        exists(slot_sql).await.then_some(())
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(db.clone(), stop.clone());
+    let (header, row) = wait_for(
+        "kubectl get outboxrelays: READY True, an LSN, LAG at most 5 s",
+        Duration::from_secs(60),
+        || async {
+            let (h, r) = stage.kubectl_get().await?;
+            (r.len() == h.len()
+                && r[1] == "True"
+                && r[3].contains('/')
+                && r[4].parse::<u64>().is_ok_and(|s| s <= 5))
+            .then_some((h, r))
+        },
+    )
+    .await;
+    println!("kubectl get outboxrelays:\n  {header:?}\n  {row:?}");
+    assert!(
+        row[2].starts_with(&leader),
+        "LEADER {} is not {leader}",
+        row[2]
+    );
+    let status = wait_for(
+        "events and the slot's retained WAL in the status",
+        Duration::from_secs(60),
+        || async {
+            let st = relays.get("orders").await.ok()?.status?;
+            (st.events? >= 100 && st.wal.is_some()).then_some(st)
+        },
+    )
+    .await;
+    let wal = status.wal.expect("status.wal");
+    assert_eq!(wal.limit_bytes, 2_147_483_648, "the sample's limit");
+    assert!(
+        status.position.and_then(|p| p.lsn).is_some(),
+        "status.position.lsn"
+    );
+
+    // The leader's process dies: the standby takes the slot and leads.
+    stage.kubelet.kill(&leader);
+    let next = stage
+        .relay_leader(Duration::from_secs(10), std::slice::from_ref(&leader))
+        .await;
+    println!("{next} leads after {leader} was SIGKILLed");
+    wait_for(
+        "events acknowledged by the new leader (its own count)",
+        Duration::from_secs(60),
+        || async {
+            let st = relays.get("orders").await.ok()?.status?;
+            (st.leader?.pod.starts_with(&next) && st.events? >= 200).then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let rows = writing.await.expect("writer");
+    let recs = read_topics(&topics, rows.len(), Duration::from_secs(120)).await;
+    let report = check(&rows, &recs);
+    println!("{} events from PostgreSQL: {report:?}", rows.len());
+    report.assert_complete();
+    assert!(
+        rows.iter().any(|(id, _)| *id >= 1_000_000),
+        "no pg_logical_emit_message event written"
+    );
+
+    stage.secret_kept(RELAY_PASSWORD, "postgres", "mysql").await;
+
+    // Deleted: the operator's pod drops the slot and the publication.
+    assert!(exists(slot_sql).await, "the relay's slot {slot}");
+    assert!(
+        exists(publication_sql).await,
+        "the relay's publication {slot}"
+    );
+    relays
+        .delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete the OutboxRelay");
+    wait_for("the OutboxRelay gone", Duration::from_secs(120), || async {
+        relays.get_opt("orders").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!exists(slot_sql).await, "the slot outlived its OutboxRelay");
+    assert!(
+        !exists(publication_sql).await,
+        "the publication outlived its OutboxRelay"
+    );
+    sh(
+        &stage.helm,
+        &["uninstall", &stage.release, "--namespace", &ns, "--wait"],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
+    db.drop_all(&slot).await;
 }

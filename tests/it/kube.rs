@@ -125,7 +125,7 @@ where
     .unwrap_or_else(|e| panic!("apply {}: {e}", obj.name_any()));
 }
 
-fn sample<T: serde::de::DeserializeOwned>(file: &str) -> Vec<T> {
+pub(crate) fn sample<T: serde::de::DeserializeOwned>(file: &str) -> Vec<T> {
     let text = std::fs::read_to_string(root().join("config/samples").join(file)).expect("sample");
     serde_saphyr::from_multiple(&text).expect("sample YAML")
 }

@@ -14,8 +14,8 @@ use tokio_postgres::{Client, NoTls};
 use crate::support::*;
 
 /// A database of its own with a Debezium-shaped outbox table, owned by `app`.
-struct PgDb {
-    name: String,
+pub(crate) struct PgDb {
+    pub(crate) name: String,
     port: u16,
     app: Client,
     /// Transactions written so far (numbers the messages' ids).
@@ -23,7 +23,7 @@ struct PgDb {
 }
 
 impl PgDb {
-    async fn new(prefix: &str, port: u16) -> PgDb {
+    pub(crate) async fn new(prefix: &str, port: u16) -> PgDb {
         services();
         let name = format!("{prefix}_{}", unique());
         let admin = pg_connect(port, "app", "app-password", "postgres").await;
@@ -105,7 +105,7 @@ impl PgDb {
     }
 
     /// The outbox rows as the database has them, in commit order (one writer).
-    async fn rows(&self) -> Vec<(u64, Option<String>)> {
+    pub(crate) async fn rows(&self) -> Vec<(u64, Option<String>)> {
         // A connection of its own: the server may have restarted since.
         pg_connect(self.port, "app", "app-password", &self.name)
             .await
@@ -118,7 +118,7 @@ impl PgDb {
     }
 
     /// Drops the relay's slot and publication, then the database.
-    async fn drop_all(self, slot: &str) {
+    pub(crate) async fn drop_all(self, slot: &str) {
         let _ = self
             .app
             .batch_execute(&format!(
@@ -206,7 +206,7 @@ listen = "127.0.0.1:{http_port}"
 }
 
 /// A writer task: `PgDb::write` batches until `stop`; returns the rows.
-fn writer(
+pub(crate) fn writer(
     db: Arc<PgDb>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<(u64, Option<String>)>> {
