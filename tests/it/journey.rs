@@ -138,6 +138,22 @@ impl Stage {
         .unwrap_or_else(|e| panic!("helm install: {e}\n{}", self.logs(&self.release)));
     }
 
+    /// `helm uninstall --wait` of the release.
+    async fn helm_uninstall(&self) {
+        sh(
+            &self.helm,
+            &[
+                "uninstall",
+                &self.release,
+                "--namespace",
+                &self.ns.name,
+                "--wait",
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    }
+
     /// The operator's Lease holder: one of its pods.
     async fn operator_leader(&self) -> String {
         let leases: Api<Lease> = self.api();
@@ -454,12 +470,7 @@ async fn the_user_journey_on_a_real_cluster() {
     );
 
     // helm uninstall: the operator's pods go.
-    sh(
-        &stage.helm,
-        &["uninstall", &stage.release, "--namespace", &ns, "--wait"],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    stage.helm_uninstall().await;
     wait_for(
         "the operator's processes gone",
         Duration::from_secs(60),
@@ -602,12 +613,7 @@ async fn a_role_missing_a_verb_fails_clearly() {
         .delete("orders", &DeleteParams::default())
         .await
         .expect("delete the OutboxRelay");
-    sh(
-        &stage.helm,
-        &["uninstall", &stage.release, "--namespace", &ns, "--wait"],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    stage.helm_uninstall().await;
 }
 
 /// The install with NATS JetStream as the sink: `spec.nats` with its password
@@ -725,18 +731,7 @@ async fn a_nats_relay_on_a_real_cluster() {
         .delete("orders", &DeleteParams::default())
         .await
         .expect("delete the OutboxRelay");
-    sh(
-        &stage.helm,
-        &[
-            "uninstall",
-            &stage.release,
-            "--namespace",
-            &stage.ns.name,
-            "--wait",
-        ],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    stage.helm_uninstall().await;
 }
 
 /// The PostgreSQL install, from the sample (`spec.postgres` with the
@@ -888,12 +883,7 @@ async fn a_postgres_relay_on_a_real_cluster() {
         !exists(publication_sql).await,
         "the publication outlived its OutboxRelay"
     );
-    sh(
-        &stage.helm,
-        &["uninstall", &stage.release, "--namespace", &ns, "--wait"],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    stage.helm_uninstall().await;
     let db = Arc::try_unwrap(db).unwrap_or_else(|_| panic!("db still shared"));
     db.drop_all(&slot).await;
 }
