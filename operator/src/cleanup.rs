@@ -7,6 +7,7 @@ use std::time::Duration;
 use outbox_relay::keys::{all_keys, DEFAULT_KEY_PREFIX};
 use outbox_relay::pgsql;
 use redis::IntoConnectionInfo;
+use tokio_postgres::error::SqlState;
 
 use crate::crd::TlsMode;
 
@@ -106,16 +107,19 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
     })
     .await?;
     let work = async {
-        client
-            .execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
-                &[&slot],
-            )
-            .await?;
-        // The ended backend releases the slot within moments.
+        // A backend still streaming from the slot (a relay pod gone from a
+        // lost node, whose walsender lives until wal_sender_timeout) is
+        // ended and waited for (up to 5 s), then the slot dropped. Should a
+        // zombie take the slot again in between, both are repeated.
         let mut dropped = 0;
-        for _ in 0..50 {
+        for attempt in 1.. {
+            client
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await?;
             match client
                 .execute(
                     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -128,7 +132,7 @@ pub async fn drop_pg_objects(target: PgTarget<'_>, relay: &str) -> Result<String
                     dropped = n;
                     break;
                 }
-                Err(e) if e.to_string().contains("is active") => {
+                Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && attempt < 20 => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => return Err(e),

@@ -1088,8 +1088,9 @@ async fn postgres_column_types_and_bad_rows() {
 }
 
 /// `checkpointPolicy: Delete` on PostgreSQL: the operator's cleanup ends the
-/// backend still streaming from the relay's slot, drops the slot and the
-/// publication the relay created — and leaves a publication it did not.
+/// backend still streaming from the relay's slot (the relay paused, as a pod
+/// on a lost node), drops the slot and the publication the relay created —
+/// and leaves a publication it did not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_policy_drops_the_slot_and_the_relays_publication() {
     use outbox_operator::cleanup::{drop_pg_objects, PgTarget};
@@ -1138,7 +1139,22 @@ async fn delete_policy_drops_the_slot_and_the_relays_publication() {
         tls: None,
         ca: None,
     };
-    // The relay still streams: its backend is ended first.
+    // The relay's pod is gone from a lost node: paused, its walsender
+    // still holds the slot and nothing reconnects. That backend is ended.
+    wait_for(
+        "the relay's walsender on its slot",
+        Duration::from_secs(30),
+        || async {
+            exists(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                slot.clone(),
+            )
+            .await
+            .then_some(())
+        },
+    )
+    .await;
+    relay.signal("STOP");
     let note = drop_pg_objects(target(None), &name).await.expect("drop");
     assert!(
         note.contains("dropped; publication") && note.ends_with("dropped"),
@@ -1168,6 +1184,7 @@ async fn delete_policy_drops_the_slot_and_the_relays_publication() {
     .await
     .expect_err("a wrong password");
     assert!(!e.contains("wrong-password"), "{e}");
+    relay.signal("CONT");
     relay.kill().await;
     db.drop_all(&slot).await;
 }
