@@ -162,16 +162,39 @@ impl CheckpointStore {
         self.conn.clone()
     }
 
+    /// Runs `op` on the connection; when it fails because the connection
+    /// is gone, once more at once. After an outage the ConnectionManager
+    /// answers the first command with the old connection's error and only
+    /// then reconnects: the second attempt waits for that reconnect, so a
+    /// returning Redis is used at the relay's next retry, not one retry
+    /// (up to `outage::RETRY_MAX`) later. Every command here may run twice:
+    /// a read, and scripts that accept their own epoch again.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, CheckpointError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match op(self.conn.clone()).await {
+            Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() => {
+                op(self.conn.clone()).await
+            }
+            r => r,
+        }
+        .map_err(unavailable)
+    }
+
     pub async fn load(&self) -> Result<Stored, CheckpointError> {
-        let mut c = self.conn.clone();
-        let (epoch, pos, updated): (Option<u64>, Option<String>, Option<u64>) = redis::cmd("HMGET")
-            .arg(&self.key)
-            .arg("epoch")
-            .arg("position")
-            .arg("updated_ms")
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
+        let (epoch, pos, updated): (Option<u64>, Option<String>, Option<u64>) = self
+            .run(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&self.key)
+                    .arg("epoch")
+                    .arg("position")
+                    .arg("updated_ms")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
         let position = match pos {
             Some(p) => Some(
                 serde_json::from_str(&p).map_err(|e| CheckpointError::Corrupt {
@@ -190,14 +213,15 @@ impl CheckpointStore {
 
     /// Raises the stored epoch to `epoch` (a new term begins).
     pub async fn fence(&self, epoch: u64) -> Result<(), CheckpointError> {
-        let mut c = self.conn.clone();
         let (ok, stored): (i64, u64) = self
-            .fence
-            .key(&self.key)
-            .arg(epoch)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
+            .run(|mut c| async move {
+                self.fence
+                    .key(&self.key)
+                    .arg(epoch)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         if ok == 1 {
             Ok(())
         } else {
@@ -214,16 +238,18 @@ impl CheckpointStore {
             key: self.key.clone(),
             message: e.to_string(),
         })?;
-        let mut c = self.conn.clone();
+        let (json, updated) = (&json, now_ms());
         let (ok, stored): (i64, u64) = self
-            .cas
-            .key(&self.key)
-            .arg(epoch)
-            .arg(json)
-            .arg(now_ms())
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
+            .run(|mut c| async move {
+                self.cas
+                    .key(&self.key)
+                    .arg(epoch)
+                    .arg(json)
+                    .arg(updated)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         if ok == 1 {
             Ok(())
         } else {
@@ -236,8 +262,9 @@ impl CheckpointStore {
 
     /// Deletes the checkpoint (used by tests and the operator's Delete policy).
     pub async fn delete(&self) -> Result<(), CheckpointError> {
-        let mut c = self.conn.clone();
-        let _: i64 = c.del(&self.key).await.map_err(unavailable)?;
+        let _: i64 = self
+            .run(|mut c| async move { c.del(&self.key).await })
+            .await?;
         Ok(())
     }
 }
