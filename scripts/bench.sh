@@ -5,7 +5,8 @@
 # BENCH_ROWS (200000), BENCH_REPS (3), BENCH_RATE (2000 rows/s),
 # BENCH_LATENCY_SECS (30); BENCH_ONLY=postgres runs the PostgreSQL part alone
 # (target/bench/postgres.csv), BENCH_ONLY=tail the duplicates' trade alone
-# (target/bench/tail.csv). A second table (bench/tail.rs,
+# (target/bench/tail.csv), BENCH_ONLY=return the return after an outage of
+# each dependency alone (bench/outage.rs, target/bench/return.csv). A second table (bench/tail.rs,
 # target/bench/results-tail.csv): duplicates after a SIGKILL per
 # max_in_flight / checkpoint_interval setting. The failover rows (Redis and Lease election)
 # come from the last run of the failover tests, target/bench/failover-*.txt:

@@ -11,7 +11,7 @@
 #   scripts/services.sh start-mariadb DIR PORT [extra mariadbd args...]
 #   scripts/services.sh start-postgres DIR PORT [extra postgres args...]
 #   scripts/services.sh start-redis   DIR PORT [extra redis-server args...]
-#   scripts/services.sh start-broker  DIR PORT [memory|sqlite]
+#   scripts/services.sh start-broker  DIR PORT [memory|sqlite] [ADVERTISED_PORT]
 #   scripts/services.sh start-nats    DIR PORT [nats-server args...]   (the NATS sink's tests)
 #   scripts/services.sh stop-dir DIR     stop whatever runs from DIR
 #
@@ -224,8 +224,8 @@ start_nats() { # dir port [nats-server args]: JetStream on, store in dir
   log "nats-server (JetStream) on 127.0.0.1:$port (store in $dir/js)"
 }
 
-start_broker() { # dir port [sqlite|memory]
-  local dir=$1 port=$2 engine=${3:-memory}
+start_broker() { # dir port [sqlite|memory] [advertised port]
+  local dir=$1 port=$2 engine=${3:-memory} advertised=${4:-$2}
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   if running "$dir/tansu.pid"; then return 0; fi
@@ -235,7 +235,7 @@ start_broker() { # dir port [sqlite|memory]
   [ "$engine" = memory ] && storage="memory://tansu/"
   # setsid: the broker must not die with the shell that started it.
   (cd "$dir" && exec setsid tansu broker --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$advertised" \
     --storage-engine "$storage" >"$dir/tansu.log" 2>&1 </dev/null) &
   echo $! >"$dir/tansu.pid"
   wait_port 127.0.0.1 "$port" "tansu" 60 || { tail -20 "$dir/tansu.log" >&2; return 1; }

@@ -21,14 +21,14 @@ async fn connect(user: &str, password: &str, db: &str) -> Client {
 
 /// A database of its own with the DESIGN outbox table and the relay's
 /// publication; `relay` names the relay (its slot is made when it leads).
-struct Bench {
-    db: String,
-    name: String,
-    dir: Scratch,
+pub(crate) struct Bench {
+    pub(crate) db: String,
+    pub(crate) name: String,
+    pub(crate) dir: Scratch,
 }
 
 impl Bench {
-    async fn new(prefix: &str) -> Bench {
+    pub(crate) async fn new(prefix: &str) -> Bench {
         let db = format!("{prefix}_{}", unique());
         connect("app", "app-password", "postgres")
             .await
@@ -51,7 +51,7 @@ impl Bench {
         }
     }
 
-    fn toml(&self, name: &str, http_port: u16) -> String {
+    pub(crate) fn toml(&self, name: &str, http_port: u16) -> String {
         format!(
             r#"name = "{name}"
 [postgres]
@@ -112,7 +112,7 @@ listen = "127.0.0.1:{http_port}"
 
     /// Drops the slots of this database (ending a reader still attached),
     /// then the database.
-    async fn drop_all(self) {
+    pub(crate) async fn drop_all(self) {
         let admin = connect("postgres", "postgres-password", "postgres").await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

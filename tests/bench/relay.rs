@@ -27,6 +27,7 @@
 #[path = "../it/support.rs"]
 mod support;
 
+mod outage;
 mod pg;
 mod tail;
 
@@ -742,6 +743,23 @@ async fn main() {
         write_csv("tail", tail::table(tail_rows, &tails));
         return;
     }
+    let returns = || async {
+        let back = outage::measure(plan.reps).await;
+        back.into_iter()
+            .map(|(what, ms)| {
+                (
+                    format!("back after an outage (bench/outage.rs): {what} (ms)"),
+                    ms,
+                    "≤ 500".to_string(),
+                )
+            })
+            .collect::<Vec<Row>>()
+    };
+    if only == "return" {
+        let csv = print_table(&returns().await, &[]);
+        write_csv("return", csv);
+        return;
+    }
     let mut runs = Vec::new();
     let mut pg_runs = Vec::new();
     for r in 0..plan.reps {
@@ -777,6 +795,7 @@ async fn main() {
     let broker = produce_latency(plan.latency_rate, plan.latency_secs.min(10), false).await;
     let loaded = produce_latency(plan.latency_rate, plan.latency_secs.min(10), true).await;
     let tails = measure_tails().await;
+    let back = returns().await;
     let bin = relay_bin();
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     // Written by the failover tests' last run (scripts/bench.sh runs them
@@ -938,6 +957,7 @@ async fn main() {
         one(mb(lat_rss as f64)),
         "≤ 25".into(),
     ));
+    rows.extend(back);
     rows.push((
         "relay binary (MB)".into(),
         one(mb(size as f64)),
